@@ -1,0 +1,335 @@
+//! Command-line interface: `latus init`, `latus scan`, `latus log`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use latus::device::{Home, PeerId};
+use latus::folder::Folder;
+use latus::history::{Entry, HistoryStore};
+use latus::scan::{self, ScanObserver, ScanOptions, ScanSummary};
+
+/// Exit code of a command that failed.
+pub const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "latus", version, about = "Peer-to-peer folder synchronisation")]
+pub struct Args {
+    /// Directory holding this device's state (identity, config); default: XDG dirs.
+    #[arg(long, global = true, env = "LATUS_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive.
+    #[arg(long, global = true, default_value = "info", env = "LATUS_LOG")]
+    pub log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create this device's state (peer id) unless it exists, and print the peer id.
+    Init {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record the current state of a folder in its history (creates .latus/ on first use).
+    Scan {
+        path: PathBuf,
+        /// Print one JSON object instead of the text summary.
+        #[arg(long)]
+        json: bool,
+        /// Limit reading for hashing to this many MB/s (0: no limit).
+        #[arg(long, value_name = "MBPS")]
+        max_read_mbps: Option<f64>,
+        /// Hashing threads (default: the number of cores).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+    },
+    /// Show a folder's history, newest first: of one file, or of the whole folder.
+    Log {
+        path: PathBuf,
+        /// A path inside the folder (relative to it, or absolute).
+        file: Option<PathBuf>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Show at most N entries.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+}
+
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let home = Home::locate(args.home.as_deref())?;
+    match args.command {
+        Command::Init { json } => init(&home, json),
+        Command::Scan {
+            path,
+            json,
+            max_read_mbps,
+            threads,
+        } => scan_folder(&home, &path, json, max_read_mbps, threads),
+        Command::Log {
+            path,
+            file,
+            json,
+            limit,
+        } => log(&path, file.as_deref(), json, limit),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init(home: &Home, json: bool) -> Result<()> {
+    let (id, created) = home.init()?;
+    if json {
+        let out = serde_json::json!({
+            "peer_id": id.to_string(),
+            "created": created,
+            "config_dir": home.config_dir,
+        });
+        println!("{out}");
+    } else {
+        let what = if created { "created" } else { "exists" };
+        println!("device {id} ({what}, state in {})", home.config_dir.display());
+    }
+    Ok(())
+}
+
+/// The device's peer id, creating the device state on first use.
+fn device_id(home: &Home) -> Result<PeerId> {
+    let (id, created) = home.init()?;
+    if created {
+        tracing::info!(
+            "created device state in {} (peer id {id})",
+            home.config_dir.display()
+        );
+    }
+    Ok(id)
+}
+
+fn scan_folder(
+    home: &Home,
+    path: &Path,
+    json: bool,
+    max_read_mbps: Option<f64>,
+    threads: Option<usize>,
+) -> Result<()> {
+    let config = home.config()?;
+    let device = device_id(home)?;
+    let folder = Folder::open_or_create(path)?;
+    let _lock = folder.lock()?;
+    let mut store = HistoryStore::open(&folder.history_path())?;
+
+    let mut options = ScanOptions::default();
+    if let Some(mbps) = max_read_mbps.or(config.scan.max_read_mbps) {
+        anyhow::ensure!(mbps >= 0.0, "--max-read-mbps must not be negative");
+        options.max_read_bytes_per_sec = mbps * 1e6;
+    }
+    if let Some(n) = threads.or(config.scan.hash_threads) {
+        options.hash_threads = n.max(1);
+    }
+    let progress = (!json && std::io::stderr().is_terminal()).then(ScanProgress::start);
+    if let Some(progress) = &progress {
+        options.observer = Some(progress.clone() as Arc<dyn ScanObserver>);
+    }
+    let summary = scan::scan(&folder, &mut store, device, &options)
+        .with_context(|| format!("scanning {}", folder.root().display()))?;
+    if let Some(progress) = progress {
+        progress.bar.finish_and_clear();
+    }
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+fn print_summary(s: &ScanSummary) {
+    println!(
+        "{}: {} files, {} dirs, {} symlinks",
+        s.root.display(),
+        s.files,
+        s.dirs,
+        s.symlinks
+    );
+    println!(
+        "  {} new, {} changed, {} deleted, {} unchanged, {} skipped",
+        s.new, s.changed, s.deleted, s.unchanged, s.skipped
+    );
+    println!(
+        "  hashed {} files, {} in {:.2} s",
+        s.files_hashed,
+        indicatif::HumanBytes(s.bytes_hashed),
+        s.seconds
+    );
+    if !s.warnings.is_empty() {
+        println!("  {} warnings (listed above)", s.warnings.len());
+    }
+}
+
+/// A spinner with the bytes hashed so far, drawn on stderr.
+struct ScanProgress {
+    bar: ProgressBar,
+}
+
+impl ScanProgress {
+    fn start() -> Arc<Self> {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {pos} entries walked, {msg} hashed ({elapsed})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        let progress = Arc::new(ScanProgress { bar });
+        progress.bar.set_message("0 B");
+        progress
+    }
+}
+
+impl ScanObserver for ScanProgress {
+    fn bytes_read(&self, _path: &str, bytes: u64) {
+        // The message is the running total; kept in the bar's length field.
+        self.bar.inc_length(bytes);
+        let total = self.bar.length().unwrap_or(0);
+        self.bar.set_message(indicatif::HumanBytes(total).to_string());
+    }
+
+    fn entry_walked(&self) {
+        self.bar.inc(1);
+    }
+}
+
+/// One history entry as `latus log --json` prints it.
+#[derive(Serialize)]
+struct LogLine<'a> {
+    seq: u64,
+    path: &'a str,
+    kind: &'static str,
+    size: u64,
+    mtime_ns: i64,
+    mode: String,
+    hash: Option<String>,
+    link_target: Option<&'a str>,
+    peerid: String,
+    author_peerid: String,
+    author_utime_ns: i64,
+    utime_ns: i64,
+}
+
+impl<'a> From<&'a Entry> for LogLine<'a> {
+    fn from(e: &'a Entry) -> Self {
+        LogLine {
+            seq: e.seq,
+            path: &e.path,
+            kind: e.kind.as_str(),
+            size: e.size,
+            mtime_ns: e.mtime_ns,
+            mode: format!("{:o}", e.mode),
+            hash: e.hash.map(|h| h.to_hex()),
+            link_target: e.link_target.as_deref(),
+            peerid: e.peerid.to_string(),
+            author_peerid: e.author_peerid.to_string(),
+            author_utime_ns: e.author_utime_ns,
+            utime_ns: e.utime_ns,
+        }
+    }
+}
+
+/// `file` as a `/`-separated path relative to the folder root.
+fn path_in_folder(folder: &Folder, file: &Path) -> Result<String> {
+    let relative = if file.is_absolute() {
+        let canonical = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+        canonical
+            .strip_prefix(folder.root())
+            .map(Path::to_path_buf)
+            .with_context(|| format!("{} is not inside {}", file.display(), folder.root().display()))?
+    } else {
+        file.to_path_buf()
+    };
+    let parts: Vec<&str> = relative
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .map(|c| c.as_os_str().to_str())
+        .collect::<Option<_>>()
+        .context("the path is not valid UTF-8")?;
+    anyhow::ensure!(!parts.is_empty(), "give a path inside the folder");
+    anyhow::ensure!(!parts.contains(&".."), "the path must stay inside the folder");
+    Ok(parts.join("/"))
+}
+
+fn format_time(ns: i64) -> String {
+    jiff::Timestamp::from_nanosecond(i128::from(ns))
+        .map(|t| {
+            t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|_| ns.to_string())
+}
+
+fn log(path: &Path, file: Option<&Path>, json: bool, limit: Option<usize>) -> Result<()> {
+    let folder = Folder::open(path)?;
+    let history_path = folder.history_path();
+    anyhow::ensure!(
+        history_path.exists(),
+        "{} has not been scanned yet (run `latus scan {}`)",
+        folder.root().display(),
+        path.display()
+    );
+    let store = HistoryStore::open_read_only(&history_path)?;
+    let mut entries = match file {
+        Some(file) => store.history(&path_in_folder(&folder, file)?)?,
+        None => store.recent(limit.unwrap_or(usize::MAX >> 1))?,
+    };
+    if let Some(limit) = limit {
+        entries.truncate(limit);
+    }
+    let mut out = std::io::stdout().lock();
+    for e in &entries {
+        let written = if json {
+            serde_json::to_writer(&mut out, &LogLine::from(e))
+                .map_err(std::io::Error::from)
+                .and_then(|()| writeln!(out))
+        } else {
+            let hash = e.hash.map(|h| h.short()).unwrap_or_default();
+            writeln!(
+                out,
+                "{}  {:<7} {:>10}  {:<12}  {}  {}",
+                format_time(e.author_utime_ns),
+                e.kind.as_str(),
+                indicatif::HumanBytes(e.size).to_string(),
+                hash,
+                e.author_peerid.short(),
+                e.path
+            )
+        };
+        match written {
+            Ok(()) => {}
+            // `latus log | head` closes the pipe early: not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! File content: content-defined chunking (FastCDC) and BLAKE3 hashes.
+//!
+//! A file's hash is the BLAKE3 of its whole content; each chunk has the BLAKE3 of
+//! its bytes. Chunk boundaries depend only on content, so an insertion moves only
+//! the chunks around it.
+
+use std::fmt;
+use std::io::{self, Read};
+
+use fastcdc::v2020::FastCDC;
+
+pub const MIN_CHUNK: usize = 16 * 1024;
+pub const AVG_CHUNK: usize = 64 * 1024;
+pub const MAX_CHUNK: usize = 256 * 1024;
+/// Read size; several maximal chunks, so every fill emits chunks.
+const READ_BUFFER: usize = 1024 * 1024;
+
+/// A BLAKE3 hash.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub fn of(bytes: &[u8]) -> Self {
+        Hash(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        Some(Hash(bytes.try_into().ok()?))
+    }
+
+    pub fn to_hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.0)
+    }
+
+    /// The first 12 hex digits, for listings.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", self.short())
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// One chunk of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    pub hash: Hash,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// What hashing a file's content gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashedContent {
+    pub hash: Hash,
+    pub size: u64,
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// Chunks and hashes content; keeps its buffer between files so hashing many small
+/// files allocates nothing per file.
+pub struct ContentHasher {
+    buf: Vec<u8>,
+}
+
+impl Default for ContentHasher {
+    fn default() -> Self {
+        ContentHasher {
+            buf: vec![0; READ_BUFFER],
+        }
+    }
+}
+
+impl ContentHasher {
+    /// Reads `source` to its end. `on_read` is told the size of every read (for
+    /// progress and throttling).
+    pub fn hash_reader(
+        &mut self,
+        source: &mut impl Read,
+        mut on_read: impl FnMut(usize),
+    ) -> io::Result<HashedContent> {
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = Vec::new();
+        let mut filled = 0;
+        let mut buf_offset = 0u64; // file offset of buf[0]
+        let mut eof = false;
+        loop {
+            while filled < self.buf.len() && !eof {
+                match source.read(&mut self.buf[filled..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) => {
+                        filled += n;
+                        on_read(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let data = &self.buf[..filled];
+            let mut consumed = 0;
+            for cut in FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                let end = cut.offset + cut.length;
+                // The last cut in the buffer may only be where the buffer ends:
+                // keep it for the next fill unless the file ends there too.
+                if end == filled && !eof {
+                    break;
+                }
+                let bytes = &data[cut.offset..end];
+                let hash = Hash::of(bytes);
+                let whole_file_is_this_chunk = eof && buf_offset == 0 && cut.offset == 0 && end == filled;
+                if !whole_file_is_this_chunk {
+                    whole.update(bytes);
+                }
+                chunks.push(ChunkInfo {
+                    hash,
+                    offset: buf_offset + cut.offset as u64,
+                    len: cut.length as u32,
+                });
+                consumed = end;
+            }
+            if eof {
+                let size = buf_offset + filled as u64;
+                let hash = match chunks.as_slice() {
+                    [only] if only.len as u64 == size => only.hash,
+                    _ => Hash(*whole.finalize().as_bytes()),
+                };
+                return Ok(HashedContent { hash, size, chunks });
+            }
+            self.buf.copy_within(consumed..filled, 0);
+            filled -= consumed;
+            buf_offset += consumed as u64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A reader that returns at most `step` bytes per call, like a slow pipe.
+    struct Trickle<'a>(&'a [u8], usize);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.len().min(out.len()).min(self.1);
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn check_invariants(data: &[u8], hashed: &HashedContent) {
+        assert_eq!(hashed.size, data.len() as u64);
+        assert_eq!(hashed.hash, Hash::of(data), "file hash is the BLAKE3 of the whole");
+        let mut next = 0u64;
+        for (i, c) in hashed.chunks.iter().enumerate() {
+            assert_eq!(c.offset, next, "chunks are contiguous");
+            let bytes = &data[c.offset as usize..][..c.len as usize];
+            assert_eq!(c.hash, Hash::of(bytes));
+            assert!(c.len as usize <= MAX_CHUNK);
+            if i + 1 < hashed.chunks.len() {
+                assert!(c.len as usize >= MIN_CHUNK);
+            }
+            next += c.len as u64;
+        }
+        assert_eq!(next, data.len() as u64, "chunks cover the file");
+    }
+
+    #[test]
+    fn empty_and_single_chunk_files() {
+        let mut hasher = ContentHasher::default();
+        let empty = hasher.hash_reader(&mut &b""[..], |_| {}).unwrap();
+        assert_eq!(empty.hash, Hash::of(b""));
+        assert!(empty.chunks.is_empty());
+        let small = pseudo_random(5000, 1);
+        let hashed = hasher.hash_reader(&mut &small[..], |_| {}).unwrap();
+        check_invariants(&small, &hashed);
+        assert_eq!(hashed.chunks.len(), 1);
+    }
+
+    #[test]
+    fn an_insertion_changes_only_nearby_chunks() {
+        let data = pseudo_random(4 << 20, 7);
+        let mut edited = data.clone();
+        edited.splice(2 << 20..2 << 20, b"inserted bytes".iter().copied());
+        let mut hasher = ContentHasher::default();
+        let before = hasher.hash_reader(&mut &data[..], |_| {}).unwrap();
+        let after = hasher.hash_reader(&mut &edited[..], |_| {}).unwrap();
+        let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.hash).collect();
+        let changed = after.chunks.iter().filter(|c| !old.contains(&c.hash)).count();
+        assert!(before.chunks.len() > 30);
+        assert!(changed <= 2, "{changed} chunks changed");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Chunking does not depend on how the reader splits its reads.
+        #[test]
+        fn chunks_are_independent_of_read_sizes(len in 0usize..3_000_000, seed: u64, step in 1usize..400_000) {
+            let data = pseudo_random(len, seed);
+            let mut hasher = ContentHasher::default();
+            let whole = hasher.hash_reader(&mut &data[..], |_| {}).unwrap();
+            let trickled = hasher.hash_reader(&mut Trickle(&data, step), |_| {}).unwrap();
+            check_invariants(&data, &whole);
+            // Streaming through a bounded buffer cuts exactly where one pass over the whole does.
+            let one_pass: Vec<u64> = FastCDC::new(&data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|c| c.offset as u64).collect();
+            let streamed: Vec<u64> = whole.chunks.iter().map(|c| c.offset).collect();
+            prop_assert_eq!(one_pass, streamed);
+            prop_assert_eq!(whole, trickled);
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The library's error type: every failure names what it was doing and to which path.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} does not exist", .0.display())]
+    NotFound(PathBuf),
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("{} is not a Latus folder (it has no .latus/ directory; `latus scan` creates one)", .0.display())]
+    NotAFolder(PathBuf),
+    #[error("{} is busy: another latus process is working on this folder", .0.display())]
+    FolderBusy(PathBuf),
+    #[error("the history database {} is locked by another process", .0.display())]
+    DatabaseLocked(PathBuf),
+    #[error("the history database {} is corrupt ({reason}); move it aside and rescan", path.display())]
+    CorruptDatabase { path: PathBuf, reason: String },
+    #[error("the history database {} has schema version {found}, newer than this Latus knows ({known}); upgrade Latus", path.display())]
+    NewerSchema { path: PathBuf, found: i64, known: i64 },
+    #[error("history database {}: {source}", path.display())]
+    Database {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("device state in {}: {reason}", path.display())]
+    DeviceState { path: PathBuf, reason: String },
+    #[error("no home directory found: pass --home DIR or set LATUS_HOME")]
+    NoHome,
+    #[error("config {}: {reason}", path.display())]
+    Config { path: PathBuf, reason: String },
+    #[error("invalid peer id {0:?}: {1}")]
+    InvalidPeerId(String, &'static str),
+    #[error("the scan was interrupted: {0}")]
+    ScanAborted(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

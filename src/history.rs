@@ -1,0 +1,574 @@
+//! The history store (the seed's `FileHistoryStore`): an append-only log of every
+//! version of every path of one folder, in SQLite (WAL, one writer).
+//!
+//! Each entry gets the next per-folder sequence number, so a peer can ask for
+//! "everything after seq N" and never needs the whole index again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
+use serde::Serialize;
+
+use crate::content::{ChunkInfo, Hash};
+use crate::device::PeerId;
+use crate::error::{Error, Result};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+/// Never edit a released step: append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE entries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        mode INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        hash BLOB,
+        link_target TEXT,
+        peerid BLOB NOT NULL,
+        author_peerid BLOB NOT NULL,
+        author_utime_ns INTEGER NOT NULL,
+        utime_ns INTEGER NOT NULL
+    );
+    CREATE INDEX entries_by_path ON entries(path, seq);
+    CREATE INDEX entries_by_hash ON entries(hash) WHERE hash IS NOT NULL;
+    -- One row per distinct chunk.
+    CREATE TABLE chunks (
+        hash BLOB PRIMARY KEY,
+        size INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    -- The chunk list of each distinct file content (by content hash).
+    CREATE TABLE content_chunks (
+        content BLOB NOT NULL,
+        idx INTEGER NOT NULL,
+        chunk BLOB NOT NULL,
+        offset INTEGER NOT NULL,
+        PRIMARY KEY (content, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX content_chunks_by_chunk ON content_chunks(chunk);
+"#];
+
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const ENTRY_COLUMNS: &str = "seq, path, kind, size, mtime_ns, mode, inode, ctime_ns, hash, \
+     link_target, peerid, author_peerid, author_utime_ns, utime_ns";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Deleted,
+}
+
+impl Kind {
+    fn code(self) -> i64 {
+        match self {
+            Kind::File => 0,
+            Kind::Dir => 1,
+            Kind::Symlink => 2,
+            Kind::Deleted => 3,
+        }
+    }
+
+    fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => Kind::File,
+            1 => Kind::Dir,
+            2 => Kind::Symlink,
+            3 => Kind::Deleted,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Dir => "dir",
+            Kind::Symlink => "symlink",
+            Kind::Deleted => "deleted",
+        }
+    }
+}
+
+/// One version of one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Assigned by the store when the entry is appended.
+    pub seq: u64,
+    /// Relative to the folder root, `/`-separated, UTF-8.
+    pub path: String,
+    pub kind: Kind,
+    /// Bytes of content (files) or of the link target (symlinks).
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Local change detection only; not part of the version.
+    pub inode: u64,
+    pub ctime_ns: i64,
+    /// Content hash (files) or hash of the link target (symlinks).
+    pub hash: Option<Hash>,
+    pub link_target: Option<String>,
+    /// The device that recorded this entry.
+    pub peerid: PeerId,
+    /// The device and time that authored this version.
+    pub author_peerid: PeerId,
+    pub author_utime_ns: i64,
+    /// When this device recorded the entry.
+    pub utime_ns: i64,
+}
+
+/// A write to the history, applied in batches.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// A new version; `chunks` is the content's chunk list for files.
+    Append {
+        entry: Entry,
+        chunks: Vec<ChunkInfo>,
+    },
+    /// The file at `seq` was re-hashed and found identical, but its inode or ctime
+    /// moved (a copy-back, a chmod to the same mode): refresh the change-detection
+    /// fields so the next scan does not hash it again. Not a new version.
+    RefreshStat { seq: u64, inode: u64, ctime_ns: i64 },
+}
+
+pub struct HistoryStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl HistoryStore {
+    /// Opens (creating and migrating if needed) the database for writing.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(|e| classify(path, e))?;
+        let mut store = HistoryStore {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store.configure()?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database for reading; readers never block the writer (WAL).
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::NotFound(path.to_path_buf()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| classify(path, e))?;
+        let store = HistoryStore {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store
+            .conn
+            .busy_timeout(Duration::from_secs(3))
+            .map_err(|e| store.err(e))?;
+        let version = store.schema_version()?;
+        if version > SCHEMA_VERSION {
+            return Err(store.newer_schema(version));
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: rusqlite::Error) -> Error {
+        classify(&self.path, e)
+    }
+
+    fn newer_schema(&self, found: i64) -> Error {
+        Error::NewerSchema {
+            path: self.path.clone(),
+            found,
+            known: SCHEMA_VERSION,
+        }
+    }
+
+    fn configure(&self) -> Result<()> {
+        // Waiting a little covers a reader checkpointing; longer means another writer.
+        self.conn
+            .busy_timeout(Duration::from_secs(3))
+            .map_err(|e| self.err(e))?;
+        // The first real read of the file: a non-database fails here as "corrupt".
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::DatabaseLocked(self.path.clone()));
+        }
+        // NORMAL in WAL mode: a crash of the process never loses a commit; a power
+        // loss may lose the last ones but never corrupts the database.
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(|e| self.err(e))
+    }
+
+    fn schema_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version = self.schema_version()?;
+        if version > SCHEMA_VERSION {
+            return Err(self.newer_schema(version));
+        }
+        for (index, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction().map_err(|e| classify(&self.path, e))?;
+            tx.execute_batch(step)
+                .and_then(|()| tx.pragma_update(None, "user_version", index as i64 + 1))
+                .and_then(|()| tx.commit())
+                .map_err(|e| classify(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Applies `records` in one transaction; returns the sequence numbers given to
+    /// the appended entries, in order.
+    pub fn write_batch(&mut self, records: &[Record]) -> Result<Vec<u64>> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| classify(&path, e))?;
+        let seqs = write_records(&tx, records).map_err(|e| classify(&path, e))?;
+        tx.commit().map_err(|e| classify(&path, e))?;
+        Ok(seqs)
+    }
+
+    fn query_entries(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Entry>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params, entry_from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The current entry of `path` (which may be a deletion).
+    pub fn latest_by_path(&self, path: &str) -> Result<Option<Entry>> {
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ?1 ORDER BY seq DESC LIMIT 1"
+        );
+        self.conn
+            .query_row(&sql, [path], entry_from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The current entry of every path ever recorded, deletions included.
+    pub fn latest_all(&self) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries \
+             WHERE seq IN (SELECT MAX(seq) FROM entries GROUP BY path)"
+        );
+        self.query_entries(&sql, [])
+    }
+
+    /// The files whose current content has `hash` (for move/copy detection and
+    /// chunk lookup).
+    pub fn latests_by_hash(&self, hash: &Hash) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries AS e WHERE hash = ?1 AND kind = 0 \
+             AND seq = (SELECT MAX(seq) FROM entries WHERE path = e.path) ORDER BY path"
+        );
+        self.query_entries(&sql, [&hash.0[..]])
+    }
+
+    /// Entries appended after `seq`, oldest first, at most `limit`.
+    pub fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Entry>> {
+        let sql =
+            format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+        self.query_entries(&sql, params![seq as i64, limit as i64])
+    }
+
+    /// Every version of `path`, newest first.
+    pub fn history(&self, path: &str) -> Result<Vec<Entry>> {
+        let sql =
+            format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ?1 ORDER BY seq DESC");
+        self.query_entries(&sql, [path])
+    }
+
+    /// The whole log, newest first, at most `limit` entries.
+    pub fn recent(&self, limit: usize) -> Result<Vec<Entry>> {
+        let sql = format!("SELECT {ENTRY_COLUMNS} FROM entries ORDER BY seq DESC LIMIT ?1");
+        self.query_entries(&sql, [limit as i64])
+    }
+
+    /// The highest sequence number given so far (0 for an empty history).
+    pub fn last_seq(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM entries", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|s| s as u64)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The chunk list of a content, if it was recorded.
+    pub fn chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT cc.chunk, cc.offset, c.size FROM content_chunks AS cc \
+                 JOIN chunks AS c ON c.hash = cc.chunk WHERE cc.content = ?1 ORDER BY cc.idx",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([&content.0[..]], |row| {
+                Ok(ChunkInfo {
+                    hash: hash_column(row, 0)?,
+                    offset: row.get::<_, i64>(1)? as u64,
+                    len: row.get::<_, i64>(2)? as u32,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Number of distinct chunks recorded.
+    pub fn chunk_count(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
+    }
+}
+
+fn write_records(tx: &rusqlite::Transaction<'_>, records: &[Record]) -> rusqlite::Result<Vec<u64>> {
+    let mut insert_entry = tx.prepare_cached(
+        "INSERT INTO entries (path, kind, size, mtime_ns, mode, inode, ctime_ns, hash, link_target, \
+         peerid, author_peerid, author_utime_ns, utime_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    let mut has_chunk_list =
+        tx.prepare_cached("SELECT 1 FROM content_chunks WHERE content = ?1 LIMIT 1")?;
+    let mut insert_chunk =
+        tx.prepare_cached("INSERT OR IGNORE INTO chunks (hash, size) VALUES (?1, ?2)")?;
+    let mut insert_content_chunk = tx.prepare_cached(
+        "INSERT INTO content_chunks (content, idx, chunk, offset) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut refresh =
+        tx.prepare_cached("UPDATE entries SET inode = ?2, ctime_ns = ?3 WHERE seq = ?1")?;
+    let mut seqs = Vec::new();
+    for record in records {
+        match record {
+            Record::Append { entry: e, chunks } => {
+                insert_entry.execute(params![
+                    e.path,
+                    e.kind.code(),
+                    e.size as i64,
+                    e.mtime_ns,
+                    e.mode,
+                    e.inode as i64,
+                    e.ctime_ns,
+                    e.hash.as_ref().map(|h| &h.0[..]),
+                    e.link_target,
+                    &e.peerid.0[..],
+                    &e.author_peerid.0[..],
+                    e.author_utime_ns,
+                    e.utime_ns,
+                ])?;
+                seqs.push(tx.last_insert_rowid() as u64);
+                if let (Some(content), false) = (e.hash, chunks.is_empty())
+                    && !has_chunk_list.exists([&content.0[..]])?
+                {
+                    for (idx, chunk) in chunks.iter().enumerate() {
+                        insert_chunk.execute(params![&chunk.hash.0[..], chunk.len])?;
+                        insert_content_chunk.execute(params![
+                            &content.0[..],
+                            idx as i64,
+                            &chunk.hash.0[..],
+                            chunk.offset as i64
+                        ])?;
+                    }
+                }
+            }
+            Record::RefreshStat {
+                seq,
+                inode,
+                ctime_ns,
+            } => {
+                refresh.execute(params![*seq as i64, *inode as i64, ctime_ns])?;
+            }
+        }
+    }
+    Ok(seqs)
+}
+
+fn bad_column(index: usize, what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        index,
+        rusqlite::types::Type::Blob,
+        format!("invalid {what}").into(),
+    )
+}
+
+fn hash_column(row: &Row<'_>, index: usize) -> rusqlite::Result<Hash> {
+    let bytes: Vec<u8> = row.get(index)?;
+    Hash::from_slice(&bytes).ok_or_else(|| bad_column(index, "hash"))
+}
+
+fn peer_column(row: &Row<'_>, index: usize) -> rusqlite::Result<PeerId> {
+    let bytes: Vec<u8> = row.get(index)?;
+    PeerId::from_slice(&bytes).ok_or_else(|| bad_column(index, "peer id"))
+}
+
+fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<Entry> {
+    let hash = match row.get::<_, Option<Vec<u8>>>(8)? {
+        Some(bytes) => Some(Hash::from_slice(&bytes).ok_or_else(|| bad_column(8, "hash"))?),
+        None => None,
+    };
+    Ok(Entry {
+        seq: row.get::<_, i64>(0)? as u64,
+        path: row.get(1)?,
+        kind: Kind::from_code(row.get(2)?).ok_or_else(|| bad_column(2, "kind"))?,
+        size: row.get::<_, i64>(3)? as u64,
+        mtime_ns: row.get(4)?,
+        mode: row.get(5)?,
+        inode: row.get::<_, i64>(6)? as u64,
+        ctime_ns: row.get(7)?,
+        hash,
+        link_target: row.get(9)?,
+        peerid: peer_column(row, 10)?,
+        author_peerid: peer_column(row, 11)?,
+        author_utime_ns: row.get(12)?,
+        utime_ns: row.get(13)?,
+    })
+}
+
+/// Turns SQLite's errors into the ones a user can act on.
+fn classify(path: &Path, e: rusqlite::Error) -> Error {
+    let path = path.to_path_buf();
+    match &e {
+        rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Error::DatabaseLocked(path),
+            ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt => Error::CorruptDatabase {
+                path,
+                reason: e.to_string(),
+            },
+            _ => Error::Database { path, source: e },
+        },
+        rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::IntegralValueOutOfRange(..) => {
+            Error::CorruptDatabase {
+                path,
+                reason: e.to_string(),
+            }
+        }
+        _ => Error::Database { path, source: e },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: Kind, content: &[u8]) -> Entry {
+        let peer = PeerId([7; 32]);
+        Entry {
+            seq: 0,
+            path: path.to_string(),
+            kind,
+            size: content.len() as u64,
+            mtime_ns: 1_700_000_000_000_000_000,
+            mode: 0o644,
+            inode: 42,
+            ctime_ns: 1,
+            hash: (kind == Kind::File).then(|| Hash::of(content)),
+            link_target: None,
+            peerid: peer,
+            author_peerid: peer,
+            author_utime_ns: 5,
+            utime_ns: 5,
+        }
+    }
+
+    fn append(store: &mut HistoryStore, entries: &[Entry]) -> Vec<u64> {
+        let records: Vec<Record> = entries
+            .iter()
+            .map(|e| Record::Append {
+                entry: e.clone(),
+                chunks: Vec::new(),
+            })
+            .collect();
+        store.write_batch(&records).unwrap()
+    }
+
+    #[test]
+    fn queries_see_the_latest_version_of_each_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = HistoryStore::open(&dir.path().join("h.db")).unwrap();
+        let seqs = append(
+            &mut store,
+            &[
+                entry("a", Kind::File, b"one"),
+                entry("b", Kind::File, b"one"),
+                entry("a", Kind::File, b"two"),
+                entry("b", Kind::Deleted, b""),
+            ],
+        );
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert_eq!(store.latest_by_path("a").unwrap().unwrap().hash, Some(Hash::of(b"two")));
+        assert_eq!(store.latest_by_path("b").unwrap().unwrap().kind, Kind::Deleted);
+        assert!(store.latest_by_path("c").unwrap().is_none());
+        // "one" is no longer anyone's current content; "two" is a's.
+        assert!(store.latests_by_hash(&Hash::of(b"one")).unwrap().is_empty());
+        let holders = store.latests_by_hash(&Hash::of(b"two")).unwrap();
+        assert_eq!(holders.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["a"]);
+        let since: Vec<u64> = store.changes_since(2, 10).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(since, vec![3, 4]);
+        let history: Vec<u64> = store.history("a").unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(history, vec![3, 1]);
+        assert_eq!(store.latest_all().unwrap().len(), 2);
+        assert_eq!(store.last_seq().unwrap(), 4);
+    }
+
+    #[test]
+    fn chunks_are_stored_once_per_distinct_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = HistoryStore::open(&dir.path().join("h.db")).unwrap();
+        let shared = ChunkInfo { hash: Hash::of(b"shared"), offset: 0, len: 6 };
+        let tail = |t: &[u8]| ChunkInfo { hash: Hash::of(t), offset: 6, len: t.len() as u32 };
+        let records = vec![
+            Record::Append { entry: entry("x", Kind::File, b"sharedX"), chunks: vec![shared, tail(b"X")] },
+            Record::Append { entry: entry("y", Kind::File, b"sharedY"), chunks: vec![shared, tail(b"Y")] },
+            Record::Append { entry: entry("z", Kind::File, b"sharedX"), chunks: vec![shared, tail(b"X")] },
+        ];
+        store.write_batch(&records).unwrap();
+        assert_eq!(store.chunk_count().unwrap(), 3);
+        assert_eq!(store.chunks_of(&Hash::of(b"sharedX")).unwrap(), vec![shared, tail(b"X")]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_reported_corrupt_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let garbage = vec![0x5a_u8; 8192];
+        std::fs::write(&path, &garbage).unwrap();
+        let err = HistoryStore::open(&path).err().unwrap();
+        assert!(matches!(err, Error::CorruptDatabase { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), garbage);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        drop(HistoryStore::open(&path).unwrap());
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = HistoryStore::open(&path).err().unwrap();
+        assert!(matches!(err, Error::NewerSchema { found: 99, .. }), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! The `latus` command: parses arguments, sets up logging, runs a command and turns
+//! its error into one line and a non-zero exit code.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    cli::init_logging(&args.log_level);
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(err) => {
+            // One line: the whole cause chain, joined by ": ".
+            eprintln!("latus: error: {err:#}");
+            ExitCode::from(cli::EXIT_ERROR)
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! The scanner: walks a folder, stats every entry, hashes only what changed since
+//! its latest history entry, and records new versions and deletions.
+//!
+//! Threads: the caller walks and stats; `hash_threads` workers read and hash; one
+//! writer owns the database (single-writer rule) and commits at most `batch_size`
+//! entries per transaction, so readers see a long first scan progress.
+
+use std::collections::HashMap;
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use ignore::WalkBuilder;
+use serde::Serialize;
+
+use crate::content::{ContentHasher, HashedContent};
+use crate::device::PeerId;
+use crate::error::{Error, Result};
+use crate::folder::{Folder, IGNORE_FILE, MARKER_DIR};
+use crate::history::{Entry, HistoryStore, Kind, Record};
+use crate::throttle::Throttle;
+
+/// A file is read at most this many times while it keeps changing under the reader.
+const HASH_ATTEMPTS: usize = 3;
+
+/// Hooks into a running scan, called from its threads.
+pub trait ScanObserver: Send + Sync {
+    /// `bytes` of `path` were just read for hashing.
+    fn bytes_read(&self, _path: &str, _bytes: u64) {}
+    /// The walk reached one more entry.
+    fn entry_walked(&self) {}
+    /// A batch of `entries` records was committed.
+    fn batch_committed(&self, _entries: usize) {}
+}
+
+pub struct ScanOptions {
+    /// Bytes per second read for hashing, over all threads; 0 = unlimited.
+    pub max_read_bytes_per_sec: f64,
+    pub hash_threads: usize,
+    /// Records per transaction.
+    pub batch_size: usize,
+    pub observer: Option<Arc<dyn ScanObserver>>,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            max_read_bytes_per_sec: 0.0,
+            hash_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            batch_size: 1000,
+            observer: None,
+        }
+    }
+}
+
+/// What a scan found and did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScanSummary {
+    pub root: PathBuf,
+    /// Entries present on disk (not counting ignored ones).
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub new: u64,
+    pub changed: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+    /// Paths left as they were in the history, each with a warning.
+    pub skipped: u64,
+    pub warnings: Vec<String>,
+    pub seconds: f64,
+    /// The history's last sequence number after the scan.
+    pub last_seq: u64,
+}
+
+/// The stat fields that decide whether a file must be hashed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    inode: u64,
+    mode: u32,
+}
+
+impl Stat {
+    fn of(meta: &Metadata) -> Self {
+        Stat {
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            inode: meta.ino(),
+            mode: meta.mode() & 0o7777,
+        }
+    }
+
+    fn matches(&self, entry: &Entry) -> bool {
+        entry.kind == Kind::File
+            && entry.size == self.size
+            && entry.mtime_ns == self.mtime_ns
+            && entry.ctime_ns == self.ctime_ns
+            && entry.inode == self.inode
+            && entry.mode == self.mode
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Change {
+    New,
+    Changed,
+    Deleted,
+    /// Re-hashed, same version: only the change-detection fields move.
+    Refreshed,
+}
+
+struct HashJob {
+    rel: String,
+    abs: PathBuf,
+    stat: Stat,
+    previous: Option<Entry>,
+}
+
+/// Warnings go to the log as they happen and to the summary at the end.
+#[derive(Default)]
+struct Warnings(Mutex<Vec<String>>);
+
+impl Warnings {
+    fn add(&self, path: &str, reason: impl std::fmt::Display) {
+        tracing::warn!("{path}: {reason}");
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{path}: {reason}"));
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    files_hashed: AtomicU64,
+    bytes_hashed: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// Everything the scan's threads share.
+struct Shared<'a> {
+    root: &'a Path,
+    device: PeerId,
+    throttle: Option<Throttle>,
+    observer: Option<Arc<dyn ScanObserver>>,
+    warnings: Arc<Warnings>,
+    counters: Counters,
+}
+
+impl Shared<'_> {
+    fn skip(&self, path: &str, reason: impl std::fmt::Display) {
+        self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+        self.warnings.add(path, reason);
+    }
+
+    fn new_entry(&self, path: String, kind: Kind, now_ns: i64) -> Entry {
+        Entry {
+            seq: 0,
+            path,
+            kind,
+            size: 0,
+            mtime_ns: 0,
+            mode: 0,
+            inode: 0,
+            ctime_ns: 0,
+            hash: None,
+            link_target: None,
+            peerid: self.device,
+            author_peerid: self.device,
+            author_utime_ns: now_ns,
+            utime_ns: now_ns,
+        }
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Scans `folder` into `store`, recording versions as authored by `device`.
+pub fn scan(
+    folder: &Folder,
+    store: &mut HistoryStore,
+    device: PeerId,
+    options: &ScanOptions,
+) -> Result<ScanSummary> {
+    let started = Instant::now();
+    let mut previous: HashMap<String, Entry> = store
+        .latest_all()?
+        .into_iter()
+        .filter(|e| e.kind != Kind::Deleted)
+        .map(|e| (e.path.clone(), e))
+        .collect();
+    let shared = Shared {
+        root: folder.root(),
+        device,
+        throttle: Throttle::new(options.max_read_bytes_per_sec),
+        observer: options.observer.clone(),
+        warnings: Arc::default(),
+        counters: Counters::default(),
+    };
+    let threads = options.hash_threads.max(1);
+    let batch_size = options.batch_size.max(1);
+    let mut summary = ScanSummary {
+        root: folder.root().to_path_buf(),
+        ..ScanSummary::default()
+    };
+
+    let (job_tx, job_rx) = bounded::<HashJob>(threads * 64);
+    let (change_tx, change_rx) = bounded::<(Change, Record)>(batch_size);
+    let written = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| write_changes(store, change_rx, batch_size, &shared));
+        for _ in 0..threads {
+            let (jobs, changes) = (job_rx.clone(), change_tx.clone());
+            let shared = &shared;
+            scope.spawn(move || hash_worker(jobs, changes, shared));
+        }
+        drop(job_rx);
+        let walked = walk(&shared, &mut previous, &job_tx, &change_tx, &mut summary);
+        drop(job_tx);
+        if walked.is_ok() {
+            record_deletions(&shared, previous, &change_tx);
+        }
+        drop(change_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::ScanAborted("the history writer panicked".into())));
+        // A write failure stops the walk; report the write failure, the cause.
+        written.and_then(|counts| walked.map(|()| counts))
+    })?;
+
+    summary.new = written.new;
+    summary.changed = written.changed;
+    summary.deleted = written.deleted;
+    summary.unchanged += written.refreshed;
+    summary.files_hashed = shared.counters.files_hashed.load(Ordering::Relaxed);
+    summary.bytes_hashed = shared.counters.bytes_hashed.load(Ordering::Relaxed);
+    summary.skipped = shared.counters.skipped.load(Ordering::Relaxed);
+    summary.warnings = shared.warnings.take();
+    summary.last_seq = store.last_seq()?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// `/`-separated path relative to the root; `None` if not valid UTF-8.
+fn relative(root: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(root).ok()?;
+    let mut out = String::new();
+    for part in rel.components() {
+        if !out.is_empty() {
+            out.push('/');
+        }
+        out.push_str(part.as_os_str().to_str()?);
+    }
+    Some(out)
+}
+
+fn walk(
+    shared: &Shared<'_>,
+    previous: &mut HashMap<String, Entry>,
+    jobs: &Sender<HashJob>,
+    changes: &Sender<(Change, Record)>,
+    summary: &mut ScanSummary,
+) -> Result<()> {
+    let aborted = || Error::ScanAborted("the history writer stopped".into());
+    let warnings = Arc::clone(&shared.warnings);
+    let root = shared.root.to_path_buf();
+    let walker = WalkBuilder::new(shared.root)
+        .standard_filters(false)
+        .add_custom_ignore_filename(IGNORE_FILE)
+        .follow_links(false)
+        .filter_entry(move |entry| {
+            if entry.file_name() == MARKER_DIR {
+                return false;
+            }
+            // Refused rather than mangled: a lossy name would be a different file on peers.
+            if entry.depth() > 0 && entry.file_name().to_str().is_none() {
+                let shown = entry.path().strip_prefix(&root).unwrap_or(entry.path());
+                warnings.add(
+                    &shown.to_string_lossy(),
+                    "name is not valid UTF-8; not recorded (rename it to sync it)",
+                );
+                return false;
+            }
+            true
+        })
+        .build();
+
+    let now = now_ns();
+    for item in walker {
+        let dirent = match item {
+            Ok(dirent) => dirent,
+            Err(err) => {
+                // An unreadable directory: what it held stays in the history as it was
+                // (deletion needs proof of absence, see `record_deletions`).
+                let (path, reason) = describe_walk_error(shared.root, &err);
+                shared.skip(&path, reason);
+                continue;
+            }
+        };
+        if dirent.depth() == 0 {
+            continue;
+        }
+        if let Some(observer) = &shared.observer {
+            observer.entry_walked();
+        }
+        let Some(rel) = relative(shared.root, dirent.path()) else {
+            continue; // filtered above
+        };
+        let prev = previous.remove(&rel);
+        let meta = match fs::symlink_metadata(dirent.path()) {
+            Ok(meta) => meta,
+            Err(e) => {
+                shared.skip(&rel, format!("cannot stat: {e}"));
+                continue;
+            }
+        };
+        let stat = Stat::of(&meta);
+        let file_type = meta.file_type();
+        let record = if file_type.is_file() {
+            summary.files += 1;
+            if prev.as_ref().is_some_and(|p| stat.matches(p)) {
+                summary.unchanged += 1;
+                continue;
+            }
+            let job = HashJob {
+                rel,
+                abs: dirent.into_path(),
+                stat,
+                previous: prev,
+            };
+            jobs.send(job).map_err(|_| aborted())?;
+            continue;
+        } else if file_type.is_dir() {
+            summary.dirs += 1;
+            // A directory's mtime moves with every change inside it; only its
+            // existence and permissions are its version.
+            if prev
+                .as_ref()
+                .is_some_and(|p| p.kind == Kind::Dir && p.mode == stat.mode)
+            {
+                summary.unchanged += 1;
+                continue;
+            }
+            let mut entry = shared.new_entry(rel, Kind::Dir, now);
+            entry.mtime_ns = stat.mtime_ns;
+            entry.mode = stat.mode;
+            entry.inode = stat.inode;
+            entry.ctime_ns = stat.ctime_ns;
+            entry
+        } else if file_type.is_symlink() {
+            summary.symlinks += 1;
+            let target = match fs::read_link(dirent.path()) {
+                Ok(target) => target,
+                Err(e) => {
+                    shared.skip(&rel, format!("cannot read symlink: {e}"));
+                    continue;
+                }
+            };
+            let Some(target) = target.to_str().map(str::to_string) else {
+                shared.skip(&rel, "symlink target is not valid UTF-8; not recorded");
+                continue;
+            };
+            if prev.as_ref().is_some_and(|p| {
+                p.kind == Kind::Symlink && p.link_target.as_deref() == Some(target.as_str())
+            }) {
+                summary.unchanged += 1;
+                continue;
+            }
+            let mut entry = shared.new_entry(rel, Kind::Symlink, now);
+            entry.size = target.len() as u64;
+            entry.mtime_ns = stat.mtime_ns;
+            entry.inode = stat.inode;
+            entry.ctime_ns = stat.ctime_ns;
+            entry.hash = Some(crate::content::Hash::of(target.as_bytes()));
+            entry.link_target = Some(target);
+            entry
+        } else {
+            shared.skip(&rel, "not a regular file, directory or symlink; not recorded");
+            continue;
+        };
+        let change = if prev.is_some() {
+            Change::Changed
+        } else {
+            Change::New
+        };
+        let record = Record::Append {
+            entry: record,
+            chunks: Vec::new(),
+        };
+        changes.send((change, record)).map_err(|_| aborted())?;
+    }
+    Ok(())
+}
+
+fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, String) {
+    match err {
+        ignore::Error::WithPath { path, err } => {
+            let rel = relative(root, path).unwrap_or_else(|| path.to_string_lossy().into_owned());
+            (rel, format!("cannot read: {err}"))
+        }
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+            describe_walk_error(root, err)
+        }
+        other => (String::from("."), other.to_string()),
+    }
+}
+
+/// Paths the walk did not see are deleted only if they are really gone: an ignored
+/// path, an unreadable directory's content or an unmounted subtree stays recorded.
+fn record_deletions(
+    shared: &Shared<'_>,
+    unseen: HashMap<String, Entry>,
+    changes: &Sender<(Change, Record)>,
+) {
+    let now = now_ns();
+    for (path, _) in unseen {
+        match fs::symlink_metadata(shared.root.join(&path)) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                let record = Record::Append {
+                    entry: shared.new_entry(path, Kind::Deleted, now),
+                    chunks: Vec::new(),
+                };
+                if changes.send((Change::Deleted, record)).is_err() {
+                    return;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn hash_worker(jobs: Receiver<HashJob>, changes: Sender<(Change, Record)>, shared: &Shared<'_>) {
+    let mut hasher = ContentHasher::default();
+    for job in jobs {
+        let hashed = match hash_stable_file(&mut hasher, &job, shared) {
+            Ok(Some(hashed)) => hashed,
+            Ok(None) => {
+                shared.skip(
+                    &job.rel,
+                    format!(
+                        "changed while being read ({HASH_ATTEMPTS} tries); left for the next scan"
+                    ),
+                );
+                continue;
+            }
+            Err(e) => {
+                shared.skip(&job.rel, format!("cannot read: {e}"));
+                continue;
+            }
+        };
+        shared.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+        let (content, stat) = hashed;
+        let message = match &job.previous {
+            Some(prev)
+                if prev.kind == Kind::File
+                    && prev.hash == Some(content.hash)
+                    && prev.size == stat.size
+                    && prev.mtime_ns == stat.mtime_ns
+                    && prev.mode == stat.mode =>
+            {
+                let refresh = Record::RefreshStat {
+                    seq: prev.seq,
+                    inode: stat.inode,
+                    ctime_ns: stat.ctime_ns,
+                };
+                (Change::Refreshed, refresh)
+            }
+            prev => {
+                let mut entry = shared.new_entry(job.rel, Kind::File, now_ns());
+                entry.size = stat.size;
+                entry.mtime_ns = stat.mtime_ns;
+                entry.mode = stat.mode;
+                entry.inode = stat.inode;
+                entry.ctime_ns = stat.ctime_ns;
+                entry.hash = Some(content.hash);
+                let change = if prev.is_some() {
+                    Change::Changed
+                } else {
+                    Change::New
+                };
+                let record = Record::Append {
+                    entry,
+                    chunks: content.chunks,
+                };
+                (change, record)
+            }
+        };
+        if changes.send(message).is_err() {
+            return;
+        }
+    }
+}
+
+/// Hashes a file and checks it did not change meanwhile (same stat before and
+/// after, as many bytes as its size). `None` if it kept changing.
+fn hash_stable_file(
+    hasher: &mut ContentHasher,
+    job: &HashJob,
+    shared: &Shared<'_>,
+) -> io::Result<Option<(HashedContent, Stat)>> {
+    let mut expected = job.stat;
+    for _ in 0..HASH_ATTEMPTS {
+        let mut file = File::open(&job.abs)?;
+        let content = hasher.hash_reader(&mut file, |n| {
+            shared
+                .counters
+                .bytes_hashed
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(throttle) = &shared.throttle {
+                throttle.consume(n);
+            }
+            if let Some(observer) = &shared.observer {
+                observer.bytes_read(&job.rel, n as u64);
+            }
+        })?;
+        let opened = Stat::of(&file.metadata()?);
+        let now = fs::symlink_metadata(&job.abs)?;
+        let after = Stat::of(&now);
+        if opened == expected && after == expected && content.size == expected.size {
+            return Ok(Some((content, after)));
+        }
+        if !now.file_type().is_file() {
+            return Ok(None);
+        }
+        expected = after;
+    }
+    Ok(None)
+}
+
+struct Written {
+    new: u64,
+    changed: u64,
+    deleted: u64,
+    refreshed: u64,
+}
+
+fn write_changes(
+    store: &mut HistoryStore,
+    changes: Receiver<(Change, Record)>,
+    batch_size: usize,
+    shared: &Shared<'_>,
+) -> Result<Written> {
+    let mut written = Written {
+        new: 0,
+        changed: 0,
+        deleted: 0,
+        refreshed: 0,
+    };
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut commit = |batch: &mut Vec<Record>| -> Result<()> {
+        store.write_batch(batch)?;
+        if let Some(observer) = &shared.observer {
+            observer.batch_committed(batch.len());
+        }
+        batch.clear();
+        Ok(())
+    };
+    for (change, record) in changes {
+        match change {
+            Change::New => written.new += 1,
+            Change::Changed => written.changed += 1,
+            Change::Deleted => written.deleted += 1,
+            Change::Refreshed => written.refreshed += 1,
+        }
+        batch.push(record);
+        if batch.len() >= batch_size {
+            commit(&mut batch)?;
+        }
+    }
+    if !batch.is_empty() {
+        commit(&mut batch)?;
+    }
+    Ok(written)
+}
