@@ -108,7 +108,10 @@ fn init(home: &Home, json: bool) -> Result<()> {
         println!("{out}");
     } else {
         let what = if created { "created" } else { "exists" };
-        println!("device {id} ({what}, state in {})", home.config_dir.display());
+        println!(
+            "device {id} ({what}, state in {})",
+            home.config_dir.display()
+        );
     }
     Ok(())
 }
@@ -212,7 +215,8 @@ impl ScanObserver for ScanProgress {
         // The message is the running total; kept in the bar's length field.
         self.bar.inc_length(bytes);
         let total = self.bar.length().unwrap_or(0);
-        self.bar.set_message(indicatif::HumanBytes(total).to_string());
+        self.bar
+            .set_message(indicatif::HumanBytes(total).to_string());
     }
 
     fn entry_walked(&self) {
@@ -263,7 +267,13 @@ fn path_in_folder(folder: &Folder, file: &Path) -> Result<String> {
         canonical
             .strip_prefix(folder.root())
             .map(Path::to_path_buf)
-            .with_context(|| format!("{} is not inside {}", file.display(), folder.root().display()))?
+            .with_context(|| {
+                format!(
+                    "{} is not inside {}",
+                    file.display(),
+                    folder.root().display()
+                )
+            })?
     } else {
         file.to_path_buf()
     };
@@ -274,7 +284,10 @@ fn path_in_folder(folder: &Folder, file: &Path) -> Result<String> {
         .collect::<Option<_>>()
         .context("the path is not valid UTF-8")?;
     anyhow::ensure!(!parts.is_empty(), "give a path inside the folder");
-    anyhow::ensure!(!parts.contains(&".."), "the path must stay inside the folder");
+    anyhow::ensure!(
+        !parts.contains(&".."),
+        "the path must stay inside the folder"
+    );
     Ok(parts.join("/"))
 }
 

@@ -116,7 +116,8 @@ impl ContentHasher {
                 }
                 let bytes = &data[cut.offset..end];
                 let hash = Hash::of(bytes);
-                let whole_file_is_this_chunk = eof && buf_offset == 0 && cut.offset == 0 && end == filled;
+                let whole_file_is_this_chunk =
+                    eof && buf_offset == 0 && cut.offset == 0 && end == filled;
                 if !whole_file_is_this_chunk {
                     whole.update(bytes);
                 }
@@ -172,7 +173,11 @@ mod tests {
 
     fn check_invariants(data: &[u8], hashed: &HashedContent) {
         assert_eq!(hashed.size, data.len() as u64);
-        assert_eq!(hashed.hash, Hash::of(data), "file hash is the BLAKE3 of the whole");
+        assert_eq!(
+            hashed.hash,
+            Hash::of(data),
+            "file hash is the BLAKE3 of the whole"
+        );
         let mut next = 0u64;
         for (i, c) in hashed.chunks.iter().enumerate() {
             assert_eq!(c.offset, next, "chunks are contiguous");
@@ -208,7 +213,11 @@ mod tests {
         let before = hasher.hash_reader(&mut &data[..], |_| {}).unwrap();
         let after = hasher.hash_reader(&mut &edited[..], |_| {}).unwrap();
         let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.hash).collect();
-        let changed = after.chunks.iter().filter(|c| !old.contains(&c.hash)).count();
+        let changed = after
+            .chunks
+            .iter()
+            .filter(|c| !old.contains(&c.hash))
+            .count();
         assert!(before.chunks.len() > 30);
         assert!(changed <= 2, "{changed} chunks changed");
     }

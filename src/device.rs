@@ -124,10 +124,14 @@ impl Home {
     pub fn peer_id(&self) -> Result<Option<PeerId>> {
         let path = self.peer_id_path();
         match fs::read_to_string(&path) {
-            Ok(text) => text.trim().parse::<PeerId>().map(Some).map_err(|e| Error::DeviceState {
-                path,
-                reason: e.to_string(),
-            }),
+            Ok(text) => text
+                .trim()
+                .parse::<PeerId>()
+                .map(Some)
+                .map_err(|e| Error::DeviceState {
+                    path,
+                    reason: e.to_string(),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(path, e)),
         }
@@ -179,7 +183,13 @@ mod tests {
         let text = id.to_string();
         assert_eq!(text.len(), 52 + 3);
         assert_eq!(text.parse::<PeerId>().unwrap(), id);
-        assert_eq!(text.to_lowercase().replace('-', "").parse::<PeerId>().unwrap(), id);
+        assert_eq!(
+            text.to_lowercase()
+                .replace('-', "")
+                .parse::<PeerId>()
+                .unwrap(),
+            id
+        );
         assert!("not-a-peer".parse::<PeerId>().is_err());
     }
 
@@ -198,7 +208,10 @@ mod tests {
     fn config_rejects_unknown_keys_with_the_file_name() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.toml"), "[scan]\nmax_read_mbs = 3\n").unwrap();
-        let err = Home::locate(Some(dir.path())).unwrap().config().unwrap_err();
+        let err = Home::locate(Some(dir.path()))
+            .unwrap()
+            .config()
+            .unwrap_err();
         assert!(err.to_string().contains("config.toml"), "{err}");
     }
 }

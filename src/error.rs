@@ -25,7 +25,11 @@ pub enum Error {
     #[error("the history database {} is corrupt ({reason}); move it aside and rescan", path.display())]
     CorruptDatabase { path: PathBuf, reason: String },
     #[error("the history database {} has schema version {found}, newer than this Latus knows ({known}); upgrade Latus", path.display())]
-    NewerSchema { path: PathBuf, found: i64, known: i64 },
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("history database {}: {source}", path.display())]
     Database {
         path: PathBuf,

@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn open_refuses_a_root_without_marker() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(Folder::open(dir.path()), Err(Error::NotAFolder(_))));
+        assert!(matches!(
+            Folder::open(dir.path()),
+            Err(Error::NotAFolder(_))
+        ));
         Folder::open_or_create(dir.path()).unwrap();
         Folder::open(dir.path()).unwrap();
     }
@@ -114,7 +117,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         fs::write(&file, b"x").unwrap();
-        assert!(matches!(Folder::open_or_create(&file), Err(Error::NotADirectory(_))));
-        assert!(matches!(Folder::open_or_create(&dir.path().join("nope")), Err(Error::NotFound(_))));
+        assert!(matches!(
+            Folder::open_or_create(&file),
+            Err(Error::NotADirectory(_))
+        ));
+        assert!(matches!(
+            Folder::open_or_create(&dir.path().join("nope")),
+            Err(Error::NotFound(_))
+        ));
     }
 }

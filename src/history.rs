@@ -124,6 +124,9 @@ pub struct Entry {
 }
 
 /// A write to the history, applied in batches.
+// Most records are appends; boxing them to shrink the rare refresh would cost an
+// allocation per entry.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Record {
     /// A new version; `chunks` is the content's chunk list for files.
@@ -228,7 +231,10 @@ impl HistoryStore {
             return Err(self.newer_schema(version));
         }
         for (index, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = self.conn.transaction().map_err(|e| classify(&self.path, e))?;
+            let tx = self
+                .conn
+                .transaction()
+                .map_err(|e| classify(&self.path, e))?;
             tx.execute_batch(step)
                 .and_then(|()| tx.pragma_update(None, "user_version", index as i64 + 1))
                 .and_then(|()| tx.commit())
@@ -295,8 +301,7 @@ impl HistoryStore {
 
     /// Every version of `path`, newest first.
     pub fn history(&self, path: &str) -> Result<Vec<Entry>> {
-        let sql =
-            format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ?1 ORDER BY seq DESC");
+        let sql = format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ?1 ORDER BY seq DESC");
         self.query_entries(&sql, [path])
     }
 
@@ -461,12 +466,11 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
             },
             _ => Error::Database { path, source: e },
         },
-        rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::IntegralValueOutOfRange(..) => {
-            Error::CorruptDatabase {
-                path,
-                reason: e.to_string(),
-            }
-        }
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => Error::CorruptDatabase {
+            path,
+            reason: e.to_string(),
+        },
         _ => Error::Database { path, source: e },
     }
 }
@@ -520,14 +524,28 @@ mod tests {
             ],
         );
         assert_eq!(seqs, vec![1, 2, 3, 4]);
-        assert_eq!(store.latest_by_path("a").unwrap().unwrap().hash, Some(Hash::of(b"two")));
-        assert_eq!(store.latest_by_path("b").unwrap().unwrap().kind, Kind::Deleted);
+        assert_eq!(
+            store.latest_by_path("a").unwrap().unwrap().hash,
+            Some(Hash::of(b"two"))
+        );
+        assert_eq!(
+            store.latest_by_path("b").unwrap().unwrap().kind,
+            Kind::Deleted
+        );
         assert!(store.latest_by_path("c").unwrap().is_none());
         // "one" is no longer anyone's current content; "two" is a's.
         assert!(store.latests_by_hash(&Hash::of(b"one")).unwrap().is_empty());
         let holders = store.latests_by_hash(&Hash::of(b"two")).unwrap();
-        assert_eq!(holders.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["a"]);
-        let since: Vec<u64> = store.changes_since(2, 10).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(
+            holders.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        let since: Vec<u64> = store
+            .changes_since(2, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
         assert_eq!(since, vec![3, 4]);
         let history: Vec<u64> = store.history("a").unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(history, vec![3, 1]);
@@ -539,16 +557,36 @@ mod tests {
     fn chunks_are_stored_once_per_distinct_hash() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = HistoryStore::open(&dir.path().join("h.db")).unwrap();
-        let shared = ChunkInfo { hash: Hash::of(b"shared"), offset: 0, len: 6 };
-        let tail = |t: &[u8]| ChunkInfo { hash: Hash::of(t), offset: 6, len: t.len() as u32 };
+        let shared = ChunkInfo {
+            hash: Hash::of(b"shared"),
+            offset: 0,
+            len: 6,
+        };
+        let tail = |t: &[u8]| ChunkInfo {
+            hash: Hash::of(t),
+            offset: 6,
+            len: t.len() as u32,
+        };
         let records = vec![
-            Record::Append { entry: entry("x", Kind::File, b"sharedX"), chunks: vec![shared, tail(b"X")] },
-            Record::Append { entry: entry("y", Kind::File, b"sharedY"), chunks: vec![shared, tail(b"Y")] },
-            Record::Append { entry: entry("z", Kind::File, b"sharedX"), chunks: vec![shared, tail(b"X")] },
+            Record::Append {
+                entry: entry("x", Kind::File, b"sharedX"),
+                chunks: vec![shared, tail(b"X")],
+            },
+            Record::Append {
+                entry: entry("y", Kind::File, b"sharedY"),
+                chunks: vec![shared, tail(b"Y")],
+            },
+            Record::Append {
+                entry: entry("z", Kind::File, b"sharedX"),
+                chunks: vec![shared, tail(b"X")],
+            },
         ];
         store.write_batch(&records).unwrap();
         assert_eq!(store.chunk_count().unwrap(), 3);
-        assert_eq!(store.chunks_of(&Hash::of(b"sharedX")).unwrap(), vec![shared, tail(b"X")]);
+        assert_eq!(
+            store.chunks_of(&Hash::of(b"sharedX")).unwrap(),
+            vec![shared, tail(b"X")]
+        );
     }
 
     #[test]
@@ -567,7 +605,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.db");
         drop(HistoryStore::open(&path).unwrap());
-        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
         let err = HistoryStore::open(&path).err().unwrap();
         assert!(matches!(err, Error::NewerSchema { found: 99, .. }), "{err}");
     }

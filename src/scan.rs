@@ -393,7 +393,10 @@ fn walk(
             entry.link_target = Some(target);
             entry
         } else {
-            shared.skip(&rel, "not a regular file, directory or symlink; not recorded");
+            shared.skip(
+                &rel,
+                "not a regular file, directory or symlink; not recorded",
+            );
             continue;
         };
         let change = if prev.is_some() {
@@ -523,8 +526,11 @@ fn hash_stable_file(
 ) -> io::Result<Option<(HashedContent, Stat)>> {
     let mut expected = job.stat;
     for _ in 0..HASH_ATTEMPTS {
-        let mut file = File::open(&job.abs)?;
-        let content = hasher.hash_reader(&mut file, |n| {
+        let file = File::open(&job.abs)?;
+        // A file growing as fast as it is read would never reach its end: read one
+        // byte past the expected size at most; more than the size means it changed.
+        let mut bounded = io::Read::take(&file, expected.size + 1);
+        let content = hasher.hash_reader(&mut bounded, |n| {
             shared
                 .counters
                 .bytes_hashed

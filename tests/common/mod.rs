@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use latus::history::{Entry, HistoryStore, Kind};
+
+/// Writes `content` at `root/rel`, creating parent directories.
+pub fn write(root: &Path, rel: &str, content: &[u8]) {
+    let path = root.join(rel);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(path, content).unwrap();
+}
+
+/// Deterministic incompressible bytes.
+pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The current, non-deleted entries of a history, by path.
+pub fn current(store: &HistoryStore) -> BTreeMap<String, Entry> {
+    store
+        .latest_all()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind != Kind::Deleted)
+        .map(|e| (e.path.clone(), e))
+        .collect()
+}
+
+/// Every file, dir and symlink under `root` (except `.latus`), as the history
+/// should record them: path → (kind, hash of content or link target).
+pub fn disk_state(root: &Path) -> BTreeMap<String, (Kind, Option<latus::content::Hash>)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for item in fs::read_dir(&dir).unwrap() {
+            let item = item.unwrap();
+            let path = item.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            if rel == ".latus" {
+                continue;
+            }
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let value = if meta.is_dir() {
+                stack.push(path);
+                (Kind::Dir, None)
+            } else if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                let target = target.to_str().unwrap().as_bytes().to_vec();
+                (Kind::Symlink, Some(latus::content::Hash::of(&target)))
+            } else {
+                (
+                    Kind::File,
+                    Some(latus::content::Hash::of(&fs::read(&path).unwrap())),
+                )
+            };
+            out.insert(rel, value);
+        }
+    }
+    out
+}
+
+/// What the history says is current, in the shape of [`disk_state`].
+pub fn recorded_state(
+    store: &HistoryStore,
+) -> BTreeMap<String, (Kind, Option<latus::content::Hash>)> {
+    current(store)
+        .into_iter()
+        .map(|(path, e)| (path, (e.kind, e.hash)))
+        .collect()
+}

@@ -1,0 +1,429 @@
+//! The scanner against real directories: what it records, what it re-reads, and
+//! how it treats files that change, vanish, or cannot be read.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{bytes, current, disk_state, recorded_state, write};
+use latus::content::Hash;
+use latus::device::PeerId;
+use latus::folder::Folder;
+use latus::history::{HistoryStore, Kind};
+use latus::scan::{ScanObserver, ScanOptions, ScanSummary, scan};
+
+const DEVICE: PeerId = PeerId([1; 32]);
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    folder: Folder,
+    store: HistoryStore,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = Folder::open_or_create(dir.path()).unwrap();
+        let store = HistoryStore::open(&folder.history_path()).unwrap();
+        Fixture { dir, folder, store }
+    }
+
+    fn root(&self) -> &Path {
+        self.folder.root()
+    }
+
+    fn scan(&mut self) -> ScanSummary {
+        self.scan_with(ScanOptions::default())
+    }
+
+    fn scan_with(&mut self, options: ScanOptions) -> ScanSummary {
+        scan(&self.folder, &mut self.store, DEVICE, &options).unwrap()
+    }
+
+    fn assert_history_matches_disk(&self) {
+        assert_eq!(recorded_state(&self.store), disk_state(self.root()));
+    }
+}
+
+/// Calls a closure for every read made while hashing.
+struct OnRead<F>(F);
+
+impl<F: Fn(&str, u64) + Send + Sync> ScanObserver for OnRead<F> {
+    fn bytes_read(&self, path: &str, bytes: u64) {
+        (self.0)(path, bytes)
+    }
+}
+
+fn with_observer(observer: impl ScanObserver + 'static) -> ScanOptions {
+    ScanOptions {
+        observer: Some(Arc::new(observer)),
+        ..ScanOptions::default()
+    }
+}
+
+#[test]
+fn first_scan_records_every_entry_exactly() {
+    let mut fx = Fixture::new();
+    let big = bytes(3 << 20, 1);
+    write(fx.root(), "a.txt", b"hello");
+    write(fx.root(), "empty", b"");
+    write(fx.root(), "dir/sub/big.bin", &big);
+    symlink("a.txt", fx.root().join("link")).unwrap();
+    fs::set_permissions(fx.root().join("a.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+
+    let s = fx.scan();
+    assert_eq!((s.files, s.dirs, s.symlinks), (3, 2, 1));
+    assert_eq!(
+        (s.new, s.changed, s.deleted, s.unchanged, s.skipped),
+        (6, 0, 0, 0, 0)
+    );
+    assert_eq!(s.bytes_hashed, 5 + big.len() as u64);
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    fx.assert_history_matches_disk();
+
+    let entries = current(&fx.store);
+    let a = &entries["a.txt"];
+    assert_eq!((a.kind, a.size, a.mode), (Kind::File, 5, 0o600));
+    assert_eq!((a.peerid, a.author_peerid), (DEVICE, DEVICE));
+    let meta = fs::metadata(fx.root().join("a.txt")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(a.mtime_ns, meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
+    assert_eq!(entries["link"].link_target.as_deref(), Some("a.txt"));
+    assert_eq!(entries["dir/sub"].kind, Kind::Dir);
+
+    // The big file's chunk list covers it, within the chunk bounds.
+    let chunks = fx.store.chunks_of(&Hash::of(&big)).unwrap();
+    assert!(chunks.len() >= 12, "{} chunks", chunks.len());
+    assert_eq!(
+        chunks.iter().map(|c| c.len as u64).sum::<u64>(),
+        big.len() as u64
+    );
+    for c in &chunks {
+        let range = c.offset as usize..c.offset as usize + c.len as usize;
+        assert_eq!(c.hash, Hash::of(&big[range]));
+    }
+    assert_eq!(
+        fx.store.latests_by_hash(&Hash::of(b"hello")).unwrap()[0].path,
+        "a.txt"
+    );
+    assert_eq!(s.last_seq, 6);
+}
+
+#[test]
+fn rescans_record_exactly_the_changes() {
+    let mut fx = Fixture::new();
+    for i in 0..10 {
+        write(
+            fx.root(),
+            &format!("d/f{i}"),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    fx.scan();
+    let before = current(&fx.store);
+
+    write(fx.root(), "d/f0", b"edited, longer than before");
+    fs::remove_file(fx.root().join("d/f1")).unwrap();
+    fs::rename(fx.root().join("d/f2"), fx.root().join("d/renamed")).unwrap();
+    write(fx.root(), "d/new", b"brand new");
+    fs::set_permissions(fx.root().join("d/f3"), fs::Permissions::from_mode(0o755)).unwrap();
+
+    let s = fx.scan();
+    // new: d/new, d/renamed; changed: d/f0 (content), d/f3 (mode); deleted: d/f1, d/f2.
+    assert_eq!((s.new, s.changed, s.deleted), (2, 2, 2));
+    // Unchanged: 6 files and the directory; only the 4 touched files were read.
+    assert_eq!((s.unchanged, s.files_hashed), (7, 4));
+    fx.assert_history_matches_disk();
+
+    let history = fx.store.history("d/f0").unwrap();
+    assert_eq!(history.len(), 2, "both versions are kept");
+    assert_eq!(history[1], before["d/f0"]);
+    assert_eq!(
+        fx.store.latest_by_path("d/f1").unwrap().unwrap().kind,
+        Kind::Deleted
+    );
+    assert_eq!(current(&fx.store)["d/f3"].mode, 0o755);
+
+    let again = fx.scan();
+    assert_eq!(
+        (again.new, again.changed, again.deleted, again.files_hashed),
+        (0, 0, 0, 0)
+    );
+}
+
+#[test]
+fn unchanged_files_are_not_read_again() {
+    let mut fx = Fixture::new();
+    for i in 0..50 {
+        write(fx.root(), &format!("f{i}"), &bytes(10_000, i));
+    }
+    fx.scan();
+    let reads = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&reads);
+    let s = fx.scan_with(with_observer(OnRead(move |_: &str, n| {
+        counter.fetch_add(n, Ordering::Relaxed);
+    })));
+    assert_eq!(reads.load(Ordering::Relaxed), 0);
+    assert_eq!((s.files_hashed, s.bytes_hashed, s.unchanged), (0, 0, 50));
+}
+
+#[test]
+fn a_file_replaced_by_an_identical_copy_is_refreshed_not_versioned() {
+    let mut fx = Fixture::new();
+    write(fx.root(), "f", b"same bytes");
+    fx.scan();
+    let seq = fx.store.last_seq().unwrap();
+    // Same content and mtime, new inode: a restore from backup, an editor's safe save.
+    let original = fx.root().join("f");
+    let mtime = fs::metadata(&original).unwrap().modified().unwrap();
+    let copy = fx.root().join("f.tmp");
+    fs::copy(&original, &copy).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    fs::rename(&copy, &original).unwrap();
+
+    let s = fx.scan();
+    assert_eq!(
+        (s.files_hashed, s.new, s.changed, s.unchanged),
+        (1, 0, 0, 1)
+    );
+    assert_eq!(fx.store.last_seq().unwrap(), seq, "no new version");
+    assert_eq!(
+        fx.scan().files_hashed,
+        0,
+        "the refreshed stat is remembered"
+    );
+}
+
+#[test]
+fn type_changes_are_recorded() {
+    let mut fx = Fixture::new();
+    write(fx.root(), "was_file", b"x");
+    write(fx.root(), "was_dir/inner", b"y");
+    write(fx.root(), "was_link_target", b"z");
+    symlink("was_link_target", fx.root().join("was_link")).unwrap();
+    fx.scan();
+
+    fs::remove_file(fx.root().join("was_file")).unwrap();
+    fs::create_dir(fx.root().join("was_file")).unwrap();
+    fs::remove_dir_all(fx.root().join("was_dir")).unwrap();
+    write(fx.root(), "was_dir", b"now a file");
+    fs::remove_file(fx.root().join("was_link")).unwrap();
+    write(fx.root(), "was_link", b"now a file too");
+
+    let s = fx.scan();
+    assert_eq!((s.changed, s.deleted), (3, 1), "was_dir/inner is deleted");
+    fx.assert_history_matches_disk();
+}
+
+#[test]
+fn ignore_rules_apply_and_ignored_paths_keep_their_history() {
+    let mut fx = Fixture::new();
+    write(fx.root(), "keep.txt", b"k");
+    write(fx.root(), "later-ignored.log", b"l");
+    write(fx.root(), "sub/notes.md", b"n");
+    write(fx.root(), "sub/cache/blob", b"c");
+    fx.scan();
+    assert!(current(&fx.store).contains_key("later-ignored.log"));
+
+    write(fx.root(), ".latusignore", b"*.log\n");
+    write(fx.root(), "sub/.latusignore", b"cache/\n!important.log\n");
+    write(fx.root(), "new.log", b"ignored from the start");
+    write(fx.root(), "sub/important.log", b"re-included below sub/");
+    write(fx.root(), "sub/cache/other", b"ignored");
+    let s = fx.scan();
+    assert_eq!(
+        s.deleted,
+        0,
+        "ignored paths are not deletions: {:?}",
+        current(&fx.store).keys()
+    );
+    let entries = current(&fx.store);
+    assert!(entries.contains_key("later-ignored.log"));
+    assert!(entries.contains_key(".latusignore"));
+    assert!(entries.contains_key("sub/important.log"));
+    assert!(!entries.contains_key("new.log"));
+    assert!(!entries.contains_key("sub/cache/other"));
+    assert!(!entries.keys().any(|p| p.starts_with(".latus/")));
+}
+
+#[test]
+fn symlinks_are_recorded_not_followed() {
+    let mut fx = Fixture::new();
+    let outside = tempfile::tempdir().unwrap();
+    write(outside.path(), "secret/deep.txt", b"outside the folder");
+    symlink(outside.path(), fx.root().join("to_outside")).unwrap();
+    symlink("loop", fx.root().join("loop")).unwrap();
+    symlink("missing/target", fx.root().join("dangling")).unwrap();
+    let s = fx.scan();
+    assert_eq!((s.symlinks, s.files, s.skipped), (3, 0, 0));
+    let entries = current(&fx.store);
+    assert_eq!(entries.len(), 3, "{:?}", entries.keys());
+    assert_eq!(
+        entries["to_outside"].link_target.as_deref(),
+        outside.path().to_str()
+    );
+
+    // Retargeting a link is a change.
+    fs::remove_file(fx.root().join("dangling")).unwrap();
+    symlink("elsewhere", fx.root().join("dangling")).unwrap();
+    assert_eq!(fx.scan().changed, 1);
+}
+
+#[test]
+fn a_file_modified_while_hashed_is_read_again() {
+    let mut fx = Fixture::new();
+    let path = fx.root().join("growing.bin");
+    fs::write(&path, bytes(3 << 20, 2)).unwrap();
+    let final_content = bytes(4 << 20, 3);
+    let done = AtomicBool::new(false);
+    let (target, replacement) = (path.clone(), final_content.clone());
+    let s = fx.scan_with(with_observer(OnRead(move |p: &str, _| {
+        if p == "growing.bin" && !done.swap(true, Ordering::SeqCst) {
+            fs::write(&target, &replacement).unwrap();
+        }
+    })));
+    assert_eq!((s.new, s.skipped), (1, 0), "{:?}", s.warnings);
+    let entry = fx.store.latest_by_path("growing.bin").unwrap().unwrap();
+    assert_eq!(entry.hash, Some(Hash::of(&final_content)));
+    assert_eq!(entry.size, final_content.len() as u64);
+    assert!(s.bytes_hashed > final_content.len() as u64, "read twice");
+}
+
+#[test]
+fn a_file_that_keeps_changing_is_skipped_and_keeps_its_history() {
+    let mut fx = Fixture::new();
+    let path = fx.root().join("log.txt");
+    fs::write(&path, b"first version").unwrap();
+    fx.scan();
+    let recorded = fx.store.latest_by_path("log.txt").unwrap().unwrap();
+
+    fs::write(&path, bytes(2 << 20, 4)).unwrap();
+    let target = path.clone();
+    let s = fx.scan_with(with_observer(OnRead(move |_: &str, _| {
+        let mut f = fs::File::options().append(true).open(&target).unwrap();
+        std::io::Write::write_all(&mut f, b"more").unwrap();
+    })));
+    assert_eq!((s.skipped, s.changed), (1, 0));
+    assert!(
+        s.warnings[0].starts_with("log.txt: changed while being read"),
+        "{:?}",
+        s.warnings
+    );
+    assert_eq!(
+        fx.store.latest_by_path("log.txt").unwrap().unwrap(),
+        recorded
+    );
+    // Once it settles, the next scan records it.
+    assert_eq!(fx.scan().changed, 1);
+    fx.assert_history_matches_disk();
+}
+
+#[test]
+fn batches_are_committed_while_the_scan_runs() {
+    let mut fx = Fixture::new();
+    for i in 0..2500 {
+        write(fx.root(), &format!("f{i:04}"), format!("{i}").as_bytes());
+    }
+    let db = fx.folder.history_path();
+    let files_started = AtomicUsize::new(0);
+    let seen_mid_scan = Arc::new(Mutex::new(None));
+    let seen = Arc::clone(&seen_mid_scan);
+    let options = ScanOptions {
+        hash_threads: 1,
+        ..with_observer(OnRead(move |_: &str, _| {
+            if files_started.fetch_add(1, Ordering::SeqCst) != 2200 {
+                return;
+            }
+            // 2,200 files are hashed: at least two batches of 1,000 must be readable
+            // by another connection now, before the scan ends.
+            let reader = HistoryStore::open_read_only(&db).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut committed = reader.last_seq().unwrap();
+            while committed < 2000 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                committed = reader.last_seq().unwrap();
+            }
+            *seen.lock().unwrap() = Some(committed);
+        }))
+    };
+    let s = fx.scan_with(options);
+    assert_eq!(s.new, 2500);
+    let committed = seen_mid_scan.lock().unwrap().expect("observer ran");
+    assert!(
+        (2000..2500).contains(&committed),
+        "saw {committed} entries mid-scan"
+    );
+}
+
+#[test]
+fn an_unreadable_directory_keeps_its_history() {
+    if running_as_root() {
+        // Root reads anything; tests/cli.rs covers this case with privileges dropped.
+        return;
+    }
+    let mut fx = Fixture::new();
+    write(fx.root(), "locked/a", b"a");
+    fx.scan();
+    let locked = fx.root().join("locked");
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let s = fx.scan();
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!((s.deleted, s.skipped), (0, 1), "{:?}", s.warnings);
+    assert!(current(&fx.store).contains_key("locked/a"));
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+#[test]
+fn names_that_are_not_utf8_are_refused_with_a_warning() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mut fx = Fixture::new();
+    let name = OsStr::from_bytes(b"caf\xe9.txt");
+    fs::write(fx.root().join(name), b"latin-1 name").unwrap();
+    write(fx.root(), "ok.txt", b"fine");
+    let s = fx.scan();
+    assert_eq!((s.new, s.files), (1, 1));
+    assert_eq!(s.warnings.len(), 1);
+    assert!(
+        s.warnings[0].contains("not valid UTF-8"),
+        "{:?}",
+        s.warnings
+    );
+    assert_eq!(current(&fx.store).keys().collect::<Vec<_>>(), ["ok.txt"]);
+}
+
+#[test]
+fn nested_latus_directories_are_never_recorded() {
+    let mut fx = Fixture::new();
+    write(
+        fx.root(),
+        "inner/.latus/history.db",
+        b"another folder's state",
+    );
+    write(fx.root(), "inner/data", b"d");
+    fx.scan();
+    let entries = current(&fx.store);
+    assert!(entries.contains_key("inner/data"));
+    assert!(
+        !entries.keys().any(|p| p.contains(".latus")),
+        "{:?}",
+        entries.keys()
+    );
+    drop(fx.dir);
+}
