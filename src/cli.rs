@@ -72,6 +72,7 @@ pub fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
         .init();
@@ -136,9 +137,9 @@ fn scan_folder(
     threads: Option<usize>,
 ) -> Result<()> {
     let config = home.config()?;
-    let device = device_id(home)?;
     let folder = Folder::open_or_create(path)?;
     let _lock = folder.lock()?;
+    let device = device_id(home)?;
     let mut store = HistoryStore::open(&folder.history_path())?;
 
     let mut options = ScanOptions::default();
