@@ -12,13 +12,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ScopedJoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ignore::WalkBuilder;
 use serde::Serialize;
 
-use crate::content::{ContentHasher, HashedContent};
+use crate::content::{ContentHasher, Hash, HashedContent};
 use crate::device::PeerId;
 use crate::error::{Error, Result};
 use crate::folder::{Folder, IGNORE_FILE, MARKER_DIR};
@@ -202,12 +203,6 @@ pub fn scan(
     options: &ScanOptions,
 ) -> Result<ScanSummary> {
     let started = Instant::now();
-    let mut previous: HashMap<String, Entry> = store
-        .latest_all()?
-        .into_iter()
-        .filter(|e| e.kind != Kind::Deleted)
-        .map(|e| (e.path.clone(), e))
-        .collect();
     let shared = Shared {
         root: folder.root(),
         device,
@@ -225,7 +220,9 @@ pub fn scan(
 
     let (job_tx, job_rx) = bounded::<HashJob>(threads * 64);
     let (change_tx, change_rx) = bounded::<(Change, Record)>(batch_size);
+    let history_path = store.path().to_path_buf();
     let written = std::thread::scope(|scope| {
+        let known = scope.spawn(move || load_current(&history_path));
         let writer = scope.spawn(|| write_changes(store, change_rx, batch_size, &shared));
         for _ in 0..threads {
             let (jobs, changes) = (job_rx.clone(), change_tx.clone());
@@ -233,17 +230,17 @@ pub fn scan(
             scope.spawn(move || hash_worker(jobs, changes, shared));
         }
         drop(job_rx);
-        let walked = walk(&shared, &mut previous, &job_tx, &change_tx, &mut summary);
+        let walked = walk(&shared, known, &job_tx, &change_tx, &mut summary);
         drop(job_tx);
-        if walked.is_ok() {
-            record_deletions(&shared, previous, &change_tx);
+        if let Ok(unseen) = &walked {
+            record_deletions(&shared, unseen, &change_tx);
         }
         drop(change_tx);
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(Error::ScanAborted("the history writer panicked".into())));
         // A write failure stops the walk; report the write failure, the cause.
-        written.and_then(|counts| walked.map(|()| counts))
+        written.and_then(|counts| walked.map(|_| counts))
     })?;
 
     summary.new = written.new;
@@ -259,6 +256,24 @@ pub fn scan(
     Ok(summary)
 }
 
+/// The current (not deleted) entry of every path, through a connection of its own
+/// so it can run beside the walk.
+fn load_current(history: &Path) -> Result<HashMap<String, Entry>> {
+    let started = Instant::now();
+    let current: HashMap<String, Entry> = HistoryStore::open_read_only(history)?
+        .latest_all()?
+        .into_iter()
+        .filter(|e| e.kind != Kind::Deleted)
+        .map(|e| (e.path.clone(), e))
+        .collect();
+    tracing::debug!(
+        "loaded {} current entries in {:?}",
+        current.len(),
+        started.elapsed()
+    );
+    Ok(current)
+}
+
 /// `/`-separated path relative to the root; `None` if not valid UTF-8.
 fn relative(root: &Path, path: &Path) -> Option<String> {
     let rel = path.strip_prefix(root).ok()?;
@@ -272,14 +287,23 @@ fn relative(root: &Path, path: &Path) -> Option<String> {
     Some(out)
 }
 
+/// One entry found by the walk, stat'ed.
+struct Walked {
+    rel: String,
+    path: PathBuf,
+    meta: Metadata,
+}
+
+/// Walks the folder and sends what changed. The history's current entries load on
+/// another thread meanwhile (`known`); entries walked before they arrive wait in a
+/// queue, so the walk and the load overlap.
 fn walk(
     shared: &Shared<'_>,
-    previous: &mut HashMap<String, Entry>,
+    known: ScopedJoinHandle<'_, Result<HashMap<String, Entry>>>,
     jobs: &Sender<HashJob>,
     changes: &Sender<(Change, Record)>,
     summary: &mut ScanSummary,
-) -> Result<()> {
-    let aborted = || Error::ScanAborted("the history writer stopped".into());
+) -> Result<HashMap<String, Entry>> {
     let warnings = Arc::clone(&shared.warnings);
     let root = shared.root.to_path_buf();
     let walker = WalkBuilder::new(shared.root)
@@ -303,6 +327,14 @@ fn walk(
         })
         .build();
 
+    let join_known = |known: ScopedJoinHandle<'_, Result<HashMap<String, Entry>>>| {
+        known
+            .join()
+            .unwrap_or_else(|_| Err(Error::ScanAborted("loading the history panicked".into())))
+    };
+    let mut known = Some(known);
+    let mut previous = None;
+    let mut queued = Vec::new();
     let now = now_ns();
     for item in walker {
         let dirent = match item {
@@ -324,7 +356,6 @@ fn walk(
         let Some(rel) = relative(shared.root, dirent.path()) else {
             continue; // filtered above
         };
-        let prev = previous.remove(&rel);
         let meta = match fs::symlink_metadata(dirent.path()) {
             Ok(meta) => meta,
             Err(e) => {
@@ -332,85 +363,126 @@ fn walk(
                 continue;
             }
         };
-        let stat = Stat::of(&meta);
-        let file_type = meta.file_type();
-        let record = if file_type.is_file() {
-            summary.files += 1;
-            if prev.as_ref().is_some_and(|p| stat.matches(p)) {
-                summary.unchanged += 1;
-                continue;
-            }
-            let job = HashJob {
-                rel,
-                abs: dirent.into_path(),
-                stat,
-                previous: prev,
-            };
-            jobs.send(job).map_err(|_| aborted())?;
-            continue;
-        } else if file_type.is_dir() {
-            summary.dirs += 1;
-            // A directory's mtime moves with every change inside it; only its
-            // existence and permissions are its version.
-            if prev
-                .as_ref()
-                .is_some_and(|p| p.kind == Kind::Dir && p.mode == stat.mode)
-            {
-                summary.unchanged += 1;
-                continue;
-            }
-            let mut entry = shared.new_entry(rel, Kind::Dir, now);
-            entry.mtime_ns = stat.mtime_ns;
-            entry.mode = stat.mode;
-            entry.inode = stat.inode;
-            entry.ctime_ns = stat.ctime_ns;
-            entry
-        } else if file_type.is_symlink() {
-            summary.symlinks += 1;
-            let target = match fs::read_link(dirent.path()) {
-                Ok(target) => target,
-                Err(e) => {
-                    shared.skip(&rel, format!("cannot read symlink: {e}"));
-                    continue;
-                }
-            };
-            let Some(target) = target.to_str().map(str::to_string) else {
-                shared.skip(&rel, "symlink target is not valid UTF-8; not recorded");
-                continue;
-            };
-            if prev.as_ref().is_some_and(|p| {
-                p.kind == Kind::Symlink && p.link_target.as_deref() == Some(target.as_str())
-            }) {
-                summary.unchanged += 1;
-                continue;
-            }
-            let mut entry = shared.new_entry(rel, Kind::Symlink, now);
-            entry.size = target.len() as u64;
-            entry.mtime_ns = stat.mtime_ns;
-            entry.inode = stat.inode;
-            entry.ctime_ns = stat.ctime_ns;
-            entry.hash = Some(crate::content::Hash::of(target.as_bytes()));
-            entry.link_target = Some(target);
-            entry
-        } else {
-            shared.skip(
-                &rel,
-                "not a regular file, directory or symlink; not recorded",
-            );
-            continue;
+        let walked = Walked {
+            rel,
+            path: dirent.into_path(),
+            meta,
         };
-        let change = if prev.is_some() {
-            Change::Changed
-        } else {
-            Change::New
-        };
-        let record = Record::Append {
-            entry: record,
-            chunks: Vec::new(),
-        };
-        changes.send((change, record)).map_err(|_| aborted())?;
+        if known.as_ref().is_some_and(|k| k.is_finished())
+            && let Some(handle) = known.take()
+        {
+            let mut loaded = join_known(handle)?;
+            for walked in queued.drain(..) {
+                record_walked(shared, walked, &mut loaded, now, jobs, changes, summary)?;
+            }
+            previous = Some(loaded);
+        }
+        match previous.as_mut() {
+            Some(previous) => record_walked(shared, walked, previous, now, jobs, changes, summary)?,
+            None => queued.push(walked),
+        }
     }
-    Ok(())
+    let mut previous = match (previous, known) {
+        (Some(previous), _) => previous,
+        (None, Some(handle)) => join_known(handle)?,
+        (None, None) => HashMap::new(),
+    };
+    for walked in queued {
+        record_walked(shared, walked, &mut previous, now, jobs, changes, summary)?;
+    }
+    Ok(previous)
+}
+
+/// Compares one walked entry with its previous version (taken out of `previous`,
+/// which ends up holding only what the walk did not see) and sends what changed.
+fn record_walked(
+    shared: &Shared<'_>,
+    walked: Walked,
+    previous: &mut HashMap<String, Entry>,
+    now: i64,
+    jobs: &Sender<HashJob>,
+    changes: &Sender<(Change, Record)>,
+    summary: &mut ScanSummary,
+) -> Result<()> {
+    let aborted = || Error::ScanAborted("the history writer stopped".into());
+    let Walked { rel, path, meta } = walked;
+    let prev = previous.remove(&rel);
+    let stat = Stat::of(&meta);
+    let file_type = meta.file_type();
+    let entry = if file_type.is_file() {
+        summary.files += 1;
+        if prev.as_ref().is_some_and(|p| stat.matches(p)) {
+            summary.unchanged += 1;
+            return Ok(());
+        }
+        let job = HashJob {
+            rel,
+            abs: path,
+            stat,
+            previous: prev,
+        };
+        return jobs.send(job).map_err(|_| aborted());
+    } else if file_type.is_dir() {
+        summary.dirs += 1;
+        // A directory's mtime moves with every change inside it; only its
+        // existence and permissions are its version.
+        if prev
+            .as_ref()
+            .is_some_and(|p| p.kind == Kind::Dir && p.mode == stat.mode)
+        {
+            summary.unchanged += 1;
+            return Ok(());
+        }
+        let mut entry = shared.new_entry(rel, Kind::Dir, now);
+        entry.mtime_ns = stat.mtime_ns;
+        entry.mode = stat.mode;
+        entry.inode = stat.inode;
+        entry.ctime_ns = stat.ctime_ns;
+        entry
+    } else if file_type.is_symlink() {
+        summary.symlinks += 1;
+        let target = match fs::read_link(&path) {
+            Ok(target) => target,
+            Err(e) => {
+                shared.skip(&rel, format!("cannot read symlink: {e}"));
+                return Ok(());
+            }
+        };
+        let Some(target) = target.to_str().map(str::to_string) else {
+            shared.skip(&rel, "symlink target is not valid UTF-8; not recorded");
+            return Ok(());
+        };
+        if prev.as_ref().is_some_and(|p| {
+            p.kind == Kind::Symlink && p.link_target.as_deref() == Some(target.as_str())
+        }) {
+            summary.unchanged += 1;
+            return Ok(());
+        }
+        let mut entry = shared.new_entry(rel, Kind::Symlink, now);
+        entry.size = target.len() as u64;
+        entry.mtime_ns = stat.mtime_ns;
+        entry.inode = stat.inode;
+        entry.ctime_ns = stat.ctime_ns;
+        entry.hash = Some(Hash::of(target.as_bytes()));
+        entry.link_target = Some(target);
+        entry
+    } else {
+        shared.skip(
+            &rel,
+            "not a regular file, directory or symlink; not recorded",
+        );
+        return Ok(());
+    };
+    let change = if prev.is_some() {
+        Change::Changed
+    } else {
+        Change::New
+    };
+    let record = Record::Append {
+        entry,
+        chunks: Vec::new(),
+    };
+    changes.send((change, record)).map_err(|_| aborted())
 }
 
 fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, String) {
@@ -430,12 +502,12 @@ fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, String) {
 /// path, an unreadable directory's content or an unmounted subtree stays recorded.
 fn record_deletions(
     shared: &Shared<'_>,
-    unseen: HashMap<String, Entry>,
+    unseen: &HashMap<String, Entry>,
     changes: &Sender<(Change, Record)>,
 ) {
     let now = now_ns();
-    for (path, _) in unseen {
-        match fs::symlink_metadata(shared.root.join(&path)) {
+    for path in unseen.keys() {
+        match fs::symlink_metadata(shared.root.join(path)) {
             Err(e)
                 if matches!(
                     e.kind(),
@@ -443,7 +515,7 @@ fn record_deletions(
                 ) =>
             {
                 let record = Record::Append {
-                    entry: shared.new_entry(path, Kind::Deleted, now),
+                    entry: shared.new_entry(path.clone(), Kind::Deleted, now),
                     chunks: Vec::new(),
                 };
                 if changes.send((Change::Deleted, record)).is_err() {
