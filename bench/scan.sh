@@ -8,7 +8,7 @@
 # and CACHE; Latus then scans a copy of each dataset: "scan" is a first scan (no
 # .latus/), "rescan" a scan with nothing changed. Seconds are whole-process wall time
 # (fork to exit), RSS the peak resident set (/usr/bin/time). Medians over REPEAT.
-# Knobs: SETS [small,large]  CACHE [warm|cold]  REPEAT [5]  SKIP_PEERS [0]  THREADS []
+# Knobs: SETS [small,large]  CACHE [warm|cold]  REPEAT [5]  PEER_REPEAT [2]  SKIP_PEERS [0]  THREADS []
 #        BENCH_DIR [${TMPDIR:-/tmp}/latus-peerbench]  SHARED [<project>/../shared]
 set -euo pipefail
 
@@ -18,6 +18,7 @@ SHARED="${SHARED:-$PROJECT/../shared}"
 SETS="${SETS:-small,large}"
 CACHE="${CACHE:-warm}"
 REPEAT="${REPEAT:-5}"
+PEER_REPEAT="${PEER_REPEAT:-2}"   # Syncthing's chain (scan + sync) takes minutes per repetition
 SKIP_PEERS="${SKIP_PEERS:-0}"
 THREADS="${THREADS:-}"
 export BENCH_DIR="${BENCH_DIR:-${TMPDIR:-/tmp}/latus-peerbench}"
@@ -32,7 +33,8 @@ LATUS="$PROJECT/target/release/latus"
 if [ "$SKIP_PEERS" != 1 ]; then
     tools=syncthing
     [[ ",$SETS," == *",large,"* ]] && tools="floors,$tools"
-    SETS="$SETS" TOOLS="$tools" CACHE="$CACHE" "$SHARED/bench/run.sh" | tee "$OUT/peers.txt"
+    SETS="$SETS" TOOLS="$tools" CACHE="$CACHE" REPEAT="$PEER_REPEAT" "$SHARED/bench/run.sh" \
+        | tee "$OUT/peers.txt"
 fi
 
 prep() {

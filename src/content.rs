@@ -12,8 +12,9 @@ use fastcdc::v2020::FastCDC;
 pub const MIN_CHUNK: usize = 16 * 1024;
 pub const AVG_CHUNK: usize = 64 * 1024;
 pub const MAX_CHUNK: usize = 256 * 1024;
-/// Read size; several maximal chunks, so every fill emits chunks.
-const READ_BUFFER: usize = 1024 * 1024;
+/// Read size: several maximal chunks, so every fill emits chunks; files up to this
+/// size are read in one go.
+const READ_BUFFER: usize = 2 * 1024 * 1024;
 
 /// A BLAKE3 hash.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,6 +95,7 @@ impl ContentHasher {
         let mut buf_offset = 0u64; // file offset of buf[0]
         let mut eof = false;
         loop {
+            let fresh_from = filled;
             while filled < self.buf.len() && !eof {
                 match source.read(&mut self.buf[filled..]) {
                     Ok(0) => eof = true,
@@ -106,28 +108,23 @@ impl ContentHasher {
                 }
             }
             let data = &self.buf[..filled];
-            let mut consumed = 0;
-            for cut in FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
-                let end = cut.offset + cut.length;
-                // The last cut in the buffer may only be where the buffer ends:
-                // keep it for the next fill unless the file ends there too.
-                if end == filled && !eof {
-                    break;
+            let consumed = if eof && buf_offset == 0 {
+                // The whole file is in the buffer: if it is one chunk, that chunk's
+                // hash is the file's hash and the bytes are hashed once.
+                let consumed = cut_chunks(data, buf_offset, eof, &mut chunks);
+                if chunks.len() != 1 {
+                    whole.update(data);
                 }
-                let bytes = &data[cut.offset..end];
-                let hash = Hash::of(bytes);
-                let whole_file_is_this_chunk =
-                    eof && buf_offset == 0 && cut.offset == 0 && end == filled;
-                if !whole_file_is_this_chunk {
-                    whole.update(bytes);
-                }
-                chunks.push(ChunkInfo {
-                    hash,
-                    offset: buf_offset + cut.offset as u64,
-                    len: cut.length as u32,
-                });
-                consumed = end;
-            }
+                consumed
+            } else {
+                // A large file: the whole-file hash of the bytes just read runs on a
+                // second core beside the chunking, so one big file uses both cores.
+                let fresh = &data[fresh_from..];
+                std::thread::scope(|scope| {
+                    scope.spawn(|| whole.update(fresh));
+                    cut_chunks(data, buf_offset, eof, &mut chunks)
+                })
+            };
             if eof {
                 let size = buf_offset + filled as u64;
                 let hash = match chunks.as_slice() {
@@ -141,6 +138,26 @@ impl ContentHasher {
             buf_offset += consumed as u64;
         }
     }
+}
+
+/// Cuts `data` (at file offset `base`) into chunks and hashes them; returns how many
+/// bytes were cut. Unless the file ends with `data`, the last cut may only be where
+/// the buffer ends: it is left for the next fill.
+fn cut_chunks(data: &[u8], base: u64, eof: bool, chunks: &mut Vec<ChunkInfo>) -> usize {
+    let mut consumed = 0;
+    for cut in FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+        let end = cut.offset + cut.length;
+        if end == data.len() && !eof {
+            break;
+        }
+        chunks.push(ChunkInfo {
+            hash: Hash::of(&data[cut.offset..end]),
+            offset: base + cut.offset as u64,
+            len: cut.length as u32,
+        });
+        consumed = end;
+    }
+    consumed
 }
 
 #[cfg(test)]

@@ -29,6 +29,13 @@ use crate::throttle::Throttle;
 /// A file is read at most this many times while it keeps changing under the reader.
 const HASH_ATTEMPTS: usize = 3;
 
+/// A file modified this shortly before it was hashed could be modified again within
+/// the same timestamp tick, leaving size, mtime and ctime as they were (git's "racy
+/// clean" problem; FAT's mtime tick is 2 s). Such a file is recorded with
+/// [`UNVERIFIED_CTIME`], so the next scan reads it again instead of trusting its stat.
+const RACY_WINDOW_NS: i64 = 2_000_000_000;
+const UNVERIFIED_CTIME: i64 = 0;
+
 /// Hooks into a running scan, called from its threads.
 pub trait ScanObserver: Send + Sync {
     /// `bytes` of `path` were just read for hashing.
@@ -547,7 +554,11 @@ fn hash_worker(jobs: Receiver<HashJob>, changes: Sender<(Change, Record)>, share
             }
         };
         shared.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
-        let (content, stat) = hashed;
+        let (content, mut stat) = hashed;
+        let now = now_ns();
+        if now - stat.mtime_ns < RACY_WINDOW_NS {
+            stat.ctime_ns = UNVERIFIED_CTIME;
+        }
         let message = match &job.previous {
             Some(prev)
                 if prev.kind == Kind::File
@@ -564,7 +575,7 @@ fn hash_worker(jobs: Receiver<HashJob>, changes: Sender<(Change, Record)>, share
                 (Change::Refreshed, refresh)
             }
             prev => {
-                let mut entry = shared.new_entry(job.rel, Kind::File, now_ns());
+                let mut entry = shared.new_entry(job.rel, Kind::File, now);
                 entry.size = stat.size;
                 entry.mtime_ns = stat.mtime_ns;
                 entry.mode = stat.mode;

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bytes, disk_state, recorded_state, write};
+use common::{backdate, bytes, disk_state, recorded_state, write};
 use latus::folder::Folder;
 use latus::history::HistoryStore;
 use serde_json::Value;
@@ -282,6 +282,7 @@ fn unchanged_files_are_not_read_even_when_unreadable() {
     }
     let setup = Setup::new();
     write(setup.root(), "a.txt", b"a");
+    backdate(setup.root());
     fs::set_permissions(
         setup.root().join("a.txt"),
         fs::Permissions::from_mode(0o000),

@@ -16,6 +16,21 @@ pub fn write(root: &Path, rel: &str, content: &[u8]) {
     fs::write(path, content).unwrap();
 }
 
+/// Moves the mtime of every file under `root` a minute back, so a scan trusts
+/// their stat next time (files modified within 2 s of a scan are read again).
+pub fn backdate(root: &Path) {
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    for (rel, (kind, _)) in disk_state(root) {
+        if kind == Kind::File {
+            let file = fs::File::options()
+                .write(true)
+                .open(root.join(rel))
+                .unwrap();
+            file.set_modified(past).unwrap();
+        }
+    }
+}
+
 /// Deterministic incompressible bytes.
 pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
