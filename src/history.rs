@@ -321,8 +321,34 @@ impl HistoryStore {
             .map_err(|e| self.err(e))
     }
 
-    /// The chunk list of a content, if it was recorded.
+    /// The chunk list of a content recorded in this history (empty for an empty
+    /// or unknown content). A content of one chunk has no list of its own: its one
+    /// chunk is the whole content.
     pub fn chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>> {
+        let listed = self.listed_chunks_of(content)?;
+        if !listed.is_empty() {
+            return Ok(listed);
+        }
+        let size: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT size FROM entries WHERE hash = ?1 AND kind = 0 LIMIT 1",
+                [&content.0[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(match size {
+            Some(size) if size > 0 => vec![ChunkInfo {
+                hash: *content,
+                offset: 0,
+                len: size as u32,
+            }],
+            _ => Vec::new(),
+        })
+    }
+
+    fn listed_chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -343,7 +369,7 @@ impl HistoryStore {
             .map_err(|e| self.err(e))
     }
 
-    /// Number of distinct chunks recorded.
+    /// Number of distinct chunks listed for multi-chunk contents.
     pub fn chunk_count(&self) -> Result<u64> {
         self.conn
             .query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get::<_, i64>(0))
@@ -387,7 +413,8 @@ fn write_records(tx: &rusqlite::Transaction<'_>, records: &[Record]) -> rusqlite
                     e.utime_ns,
                 ])?;
                 seqs.push(tx.last_insert_rowid() as u64);
-                if let (Some(content), false) = (e.hash, chunks.is_empty())
+                // A one-chunk content is its own chunk: the entry already says it all.
+                if let (Some(content), true) = (e.hash, chunks.len() > 1)
                     && !has_chunk_list.exists([&content.0[..]])?
                 {
                     for (idx, chunk) in chunks.iter().enumerate() {
