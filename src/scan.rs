@@ -513,23 +513,65 @@ fn record_deletions(
     changes: &Sender<(Change, Record)>,
 ) {
     let now = now_ns();
+    let mut dirs = HashMap::new();
     for path in unseen.keys() {
-        match fs::symlink_metadata(shared.root.join(path)) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                ) =>
-            {
-                let record = Record::Append {
-                    entry: shared.new_entry(path.clone(), Kind::Deleted, now),
-                    chunks: Vec::new(),
-                };
-                if changes.send((Change::Deleted, record)).is_err() {
-                    return;
-                }
+        if is_gone(shared.root, path, &mut dirs) {
+            let record = Record::Append {
+                entry: shared.new_entry(path.clone(), Kind::Deleted, now),
+                chunks: Vec::new(),
+            };
+            if changes.send((Change::Deleted, record)).is_err() {
+                return;
             }
-            _ => {}
+        }
+    }
+}
+
+/// Whether `rel` provably no longer exists in the folder. Its parents are checked
+/// one by one without following symlinks: `d/a` is gone once `d` became a symlink,
+/// even if the link's target holds an `a`. `dirs` caches what each parent is.
+fn is_gone(root: &Path, rel: &str, dirs: &mut HashMap<String, Presence>) -> bool {
+    let mut parent_end = 0;
+    while let Some(slash) = rel[parent_end..].find('/') {
+        parent_end += slash;
+        let parent = &rel[..parent_end];
+        let presence = *dirs
+            .entry(parent.to_string())
+            .or_insert_with(|| Presence::of_parent(&root.join(parent)));
+        match presence {
+            Presence::Directory => {}
+            Presence::Gone => return true,
+            Presence::Unknown => return false,
+        }
+        parent_end += 1;
+    }
+    matches!(fs::symlink_metadata(root.join(rel)), Err(e) if absent(&e))
+}
+
+fn absent(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+/// What a parent directory of a recorded path is now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Directory,
+    /// Absent, or replaced by something that is not a directory (a file, a symlink).
+    Gone,
+    /// Cannot tell (no permission, I/O error): assume it is still there.
+    Unknown,
+}
+
+impl Presence {
+    fn of_parent(path: &Path) -> Self {
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => Presence::Directory,
+            Ok(_) => Presence::Gone,
+            Err(e) if absent(&e) => Presence::Gone,
+            Err(_) => Presence::Unknown,
         }
     }
 }

@@ -111,6 +111,14 @@ fn first_scan_records_every_entry_exactly() {
         fx.store.latests_by_hash(&Hash::of(b"hello")).unwrap()[0].path,
         "a.txt"
     );
+    // A one-chunk file is its own chunk; an empty file has none.
+    let one = latus::content::ChunkInfo {
+        hash: Hash::of(b"hello"),
+        offset: 0,
+        len: 5,
+    };
+    assert_eq!(fx.store.chunks_of(&Hash::of(b"hello")).unwrap(), vec![one]);
+    assert!(fx.store.chunks_of(&Hash::of(b"")).unwrap().is_empty());
     assert_eq!(s.last_seq, 6);
 }
 
@@ -277,6 +285,20 @@ fn ignore_rules_apply_and_ignored_paths_keep_their_history() {
     assert!(!entries.contains_key("new.log"));
     assert!(!entries.contains_key("sub/cache/other"));
     assert!(!entries.keys().any(|p| p.starts_with(".latus/")));
+}
+
+#[test]
+fn a_directory_replaced_by_a_symlink_deletes_what_it_held() {
+    let mut fx = Fixture::new();
+    write(fx.root(), "d/a", b"in d");
+    write(fx.root(), "elsewhere/a", b"a file with the same name");
+    fx.scan();
+    fs::remove_dir_all(fx.root().join("d")).unwrap();
+    symlink("elsewhere", fx.root().join("d")).unwrap();
+    let s = fx.scan();
+    // d/a is gone even though the path now resolves, through the link, to a file.
+    assert_eq!((s.deleted, s.changed), (1, 1));
+    fx.assert_history_matches_disk();
 }
 
 #[test]
