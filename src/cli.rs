@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -190,34 +191,33 @@ fn print_summary(s: &ScanSummary) {
     }
 }
 
-/// A spinner with the bytes hashed so far, drawn on stderr.
+/// A spinner with the entries walked and bytes hashed so far, drawn on stderr.
 struct ScanProgress {
     bar: ProgressBar,
+    bytes_hashed: AtomicU64,
 }
 
 impl ScanProgress {
     fn start() -> Arc<Self> {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {pos} entries walked, {msg} hashed ({elapsed})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ProgressStyle::with_template("{spinner} {pos} entries walked, {msg} ({elapsed})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
+        bar.set_message("0 B hashed");
         bar.enable_steady_tick(Duration::from_millis(100));
-        let progress = Arc::new(ScanProgress { bar });
-        progress.bar.set_message("0 B");
-        progress
+        Arc::new(ScanProgress {
+            bar,
+            bytes_hashed: AtomicU64::new(0),
+        })
     }
 }
 
 impl ScanObserver for ScanProgress {
     fn bytes_read(&self, _path: &str, bytes: u64) {
-        // The message is the running total; kept in the bar's length field.
-        self.bar.inc_length(bytes);
-        let total = self.bar.length().unwrap_or(0);
+        let total = self.bytes_hashed.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.bar
-            .set_message(indicatif::HumanBytes(total).to_string());
+            .set_message(format!("{} hashed", indicatif::HumanBytes(total)));
     }
 
     fn entry_walked(&self) {
