@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use latus::device::{Home, PeerId};
 use latus::folder::Folder;
-use latus::history::{Entry, HistoryStore};
+use latus::history::{Entry, HistoryStore, Kind};
 use latus::scan::{self, ScanObserver, ScanOptions, ScanSummary};
 
 /// Exit code of a command that failed.
@@ -332,7 +332,10 @@ fn log(path: &Path, file: Option<&Path>, json: bool, limit: Option<usize>) -> Re
                 "{}  {:<7} {:>10}  {:<12}  {}  {}",
                 format_time(e.author_utime_ns),
                 e.kind.as_str(),
-                indicatif::HumanBytes(e.size).to_string(),
+                match e.kind {
+                    Kind::File | Kind::Symlink => indicatif::HumanBytes(e.size).to_string(),
+                    Kind::Dir | Kind::Deleted => String::new(),
+                },
                 hash,
                 e.author_peerid.short(),
                 e.path

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, Metadata};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -651,7 +651,12 @@ fn hash_stable_file(
 ) -> io::Result<Option<(HashedContent, Stat)>> {
     let mut expected = job.stat;
     for _ in 0..HASH_ATTEMPTS {
-        let file = File::open(&job.abs)?;
+        // Non-blocking: if the file was swapped for a FIFO since it was stat'ed,
+        // opening it must not wait for a writer (the stat check below then fails).
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&job.abs)?;
         // A file growing as fast as it is read would never reach its end: read one
         // byte past the expected size at most; more than the size means it changed.
         let mut bounded = io::Read::take(&file, expected.size + 1);
@@ -668,12 +673,12 @@ fn hash_stable_file(
             }
         })?;
         let opened = Stat::of(&file.metadata()?);
-        let now = fs::symlink_metadata(&job.abs)?;
-        let after = Stat::of(&now);
+        let current = fs::symlink_metadata(&job.abs)?;
+        let after = Stat::of(&current);
         if opened == expected && after == expected && content.size == expected.size {
             return Ok(Some((content, after)));
         }
-        if !now.file_type().is_file() {
+        if !current.file_type().is_file() {
             return Ok(None);
         }
         expected = after;

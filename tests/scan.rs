@@ -454,6 +454,21 @@ fn names_that_are_not_utf8_are_refused_with_a_warning() {
 }
 
 #[test]
+fn fifos_are_skipped_with_a_warning_without_blocking() {
+    let mut fx = Fixture::new();
+    let fifo = std::ffi::CString::new(fx.root().join("pipe").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    write(fx.root(), "file", b"f");
+    let s = fx.scan();
+    assert_eq!((s.new, s.skipped), (1, 1));
+    assert!(
+        s.warnings[0].starts_with("pipe: not a regular file"),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[test]
 fn nested_latus_directories_are_never_recorded() {
     let mut fx = Fixture::new();
     write(
