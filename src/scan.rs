@@ -128,6 +128,16 @@ enum Change {
     Refreshed,
 }
 
+impl Change {
+    /// A new version of a path whose previous version is `previous`.
+    fn replacing(previous: Option<&Entry>) -> Self {
+        match previous {
+            Some(_) => Change::Changed,
+            None => Change::New,
+        }
+    }
+}
+
 struct HashJob {
     rel: String,
     abs: PathBuf,
@@ -174,6 +184,17 @@ impl Shared<'_> {
     fn skip(&self, path: &str, reason: impl std::fmt::Display) {
         self.counters.skipped.fetch_add(1, Ordering::Relaxed);
         self.warnings.add(path, reason);
+    }
+
+    /// An entry for what a stat observed; the caller adds the content.
+    fn observed_entry(&self, path: String, kind: Kind, stat: &Stat, now_ns: i64) -> Entry {
+        Entry {
+            mtime_ns: stat.mtime_ns,
+            mode: stat.mode,
+            inode: stat.inode,
+            ctime_ns: stat.ctime_ns,
+            ..self.new_entry(path, kind, now_ns)
+        }
     }
 
     fn new_entry(&self, path: String, kind: Kind, now_ns: i64) -> Entry {
@@ -440,12 +461,7 @@ fn record_walked(
             summary.unchanged += 1;
             return Ok(());
         }
-        let mut entry = shared.new_entry(rel, Kind::Dir, now);
-        entry.mtime_ns = stat.mtime_ns;
-        entry.mode = stat.mode;
-        entry.inode = stat.inode;
-        entry.ctime_ns = stat.ctime_ns;
-        entry
+        shared.observed_entry(rel, Kind::Dir, &stat, now)
     } else if file_type.is_symlink() {
         summary.symlinks += 1;
         let target = match fs::read_link(&path) {
@@ -465,11 +481,8 @@ fn record_walked(
             summary.unchanged += 1;
             return Ok(());
         }
-        let mut entry = shared.new_entry(rel, Kind::Symlink, now);
+        let mut entry = shared.observed_entry(rel, Kind::Symlink, &stat, now);
         entry.size = target.len() as u64;
-        entry.mtime_ns = stat.mtime_ns;
-        entry.inode = stat.inode;
-        entry.ctime_ns = stat.ctime_ns;
         entry.hash = Some(Hash::of(target.as_bytes()));
         entry.link_target = Some(target);
         entry
@@ -480,11 +493,7 @@ fn record_walked(
         );
         return Ok(());
     };
-    let change = if prev.is_some() {
-        Change::Changed
-    } else {
-        Change::New
-    };
+    let change = Change::replacing(prev.as_ref());
     let record = Record::Append {
         entry,
         chunks: Vec::new(),
@@ -617,18 +626,10 @@ fn hash_worker(jobs: Receiver<HashJob>, changes: Sender<(Change, Record)>, share
                 (Change::Refreshed, refresh)
             }
             prev => {
-                let mut entry = shared.new_entry(job.rel, Kind::File, now);
+                let mut entry = shared.observed_entry(job.rel, Kind::File, &stat, now);
                 entry.size = stat.size;
-                entry.mtime_ns = stat.mtime_ns;
-                entry.mode = stat.mode;
-                entry.inode = stat.inode;
-                entry.ctime_ns = stat.ctime_ns;
                 entry.hash = Some(content.hash);
-                let change = if prev.is_some() {
-                    Change::Changed
-                } else {
-                    Change::New
-                };
+                let change = Change::replacing(prev.as_ref());
                 let record = Record::Append {
                     entry,
                     chunks: content.chunks,
