@@ -22,6 +22,8 @@ pub enum Error {
     FolderBusy(PathBuf),
     #[error("the history database {} is locked by another process", .0.display())]
     DatabaseLocked(PathBuf),
+    #[error("no space left to write the history database {}; what was committed before is kept, free some space and scan again", .0.display())]
+    DiskFull(PathBuf),
     #[error("the history database {} is corrupt ({reason}); move it aside and rescan", path.display())]
     CorruptDatabase { path: PathBuf, reason: String },
     #[error("the history database {} has schema version {found}, newer than this Latus knows ({known}); upgrade Latus", path.display())]

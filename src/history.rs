@@ -487,6 +487,7 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
     match &e {
         rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
             ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Error::DatabaseLocked(path),
+            ErrorCode::DiskFull => Error::DiskFull(path),
             ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt => Error::CorruptDatabase {
                 path,
                 reason: e.to_string(),
@@ -625,6 +626,33 @@ mod tests {
         let err = HistoryStore::open(&path).err().unwrap();
         assert!(matches!(err, Error::CorruptDatabase { .. }), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), garbage);
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_and_loses_no_committed_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = HistoryStore::open(&dir.path().join("h.db")).unwrap();
+        append(&mut store, &[entry("kept", Kind::File, b"k")]);
+        // The database may not grow any more: as good as a full disk to SQLite.
+        let pages: i64 = store
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        store
+            .conn
+            .pragma_update(None, "max_page_count", pages)
+            .unwrap();
+        let many: Vec<Record> = (0..2000)
+            .map(|i| Record::Append {
+                entry: entry(&format!("f{i:05}"), Kind::File, format!("{i}").as_bytes()),
+                chunks: Vec::new(),
+            })
+            .collect();
+        let err = store.write_batch(&many).unwrap_err();
+        assert!(matches!(err, Error::DiskFull(_)), "{err}");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert_eq!(store.last_seq().unwrap(), 1);
+        assert!(store.latest_by_path("kept").unwrap().is_some());
     }
 
     #[test]
