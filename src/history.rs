@@ -56,7 +56,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const ENTRY_COLUMNS: &str = "seq, path, kind, size, mtime_ns, mode, inode, ctime_ns, hash, \
      link_target, peerid, author_peerid, author_utime_ns, utime_ns";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     File,

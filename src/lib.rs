@@ -7,6 +7,7 @@
 
 pub mod content;
 pub mod device;
+pub mod diff;
 pub mod error;
 pub mod folder;
 pub mod history;
