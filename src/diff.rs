@@ -169,7 +169,7 @@ mod tests {
     fn the_side_behind_takes_the_newer_version() {
         let v1 = version(A, 1, Some(b"one"));
         let v2 = version(B, 2, Some(b"two"));
-        let mine = history(&[v1.clone()]);
+        let mine = history(std::slice::from_ref(&v1));
         let theirs = history(&[v1.clone(), v2.clone()]);
         assert_eq!(decide(&mine, &theirs), Verdict::TakeTheirs);
         assert_eq!(decide(&theirs, &mine), Verdict::KeepMine);
