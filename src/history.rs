@@ -282,6 +282,16 @@ impl HistoryStore {
         self.query_entries(&sql, [])
     }
 
+    /// The current entry of every path that exists (its latest entry is not a
+    /// deletion): what a rescan compares the disk with.
+    pub fn latest_existing(&self) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries \
+             WHERE seq IN (SELECT MAX(seq) FROM entries GROUP BY path) AND kind != 3"
+        );
+        self.query_entries(&sql, [])
+    }
+
     /// The files whose current content has `hash` (for move/copy detection and
     /// chunk lookup).
     pub fn latests_by_hash(&self, hash: &Hash) -> Result<Vec<Entry>> {
@@ -578,6 +588,8 @@ mod tests {
         let history: Vec<u64> = store.history("a").unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(history, vec![3, 1]);
         assert_eq!(store.latest_all().unwrap().len(), 2);
+        assert_eq!(store.latest_existing().unwrap()[0].path, "a");
+        assert_eq!(store.latest_existing().unwrap().len(), 1);
         assert_eq!(store.last_seq().unwrap(), 4);
     }
 

@@ -289,9 +289,8 @@ pub fn scan(
 fn load_current(history: &Path) -> Result<HashMap<String, Entry>> {
     let started = Instant::now();
     let current: HashMap<String, Entry> = HistoryStore::open_read_only(history)?
-        .latest_all()?
+        .latest_existing()?
         .into_iter()
-        .filter(|e| e.kind != Kind::Deleted)
         .map(|e| (e.path.clone(), e))
         .collect();
     tracing::debug!(

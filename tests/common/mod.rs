@@ -47,10 +47,9 @@ pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
 /// The current, non-deleted entries of a history, by path.
 pub fn current(store: &HistoryStore) -> BTreeMap<String, Entry> {
     store
-        .latest_all()
+        .latest_existing()
         .unwrap()
         .into_iter()
-        .filter(|e| e.kind != Kind::Deleted)
         .map(|e| (e.path.clone(), e))
         .collect()
 }
