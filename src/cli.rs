@@ -1,4 +1,4 @@
-//! Command-line interface: `latus init`, `latus scan`, `latus log`.
+//! Command-line interface: `latus init`, `scan`, `log`, `sync`, `trash`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -12,13 +12,17 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use latus::device::{Home, PeerId};
+use latus::device::Home;
 use latus::folder::Folder;
 use latus::history::{Entry, HistoryStore, Kind};
 use latus::scan::{self, ScanObserver, ScanOptions, ScanSummary};
+use latus::sync::{self as local_sync, SyncOptions, SyncReport};
+use latus::trash;
 
 /// Exit code of a command that failed.
 pub const EXIT_ERROR: u8 = 2;
+/// Exit code of a sync that created conflict copies (both roots are identical).
+const EXIT_CONFLICTS: u8 = 1;
 
 #[derive(Parser)]
 #[command(name = "latus", version, about = "Peer-to-peer folder synchronisation")]
@@ -65,6 +69,52 @@ enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
+    /// Sync two folders on this machine both ways. Exit status: 0 identical,
+    /// 1 identical with conflict copies created, 2 error.
+    Sync {
+        a: PathBuf,
+        b: PathBuf,
+        /// Print the plan (one line per action) and change no file.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Go on even when more than half of a folder's files would be deleted.
+        #[arg(long)]
+        allow_mass_delete: bool,
+        /// Limit reading for hashing to this many MB/s (0: no limit).
+        #[arg(long, value_name = "MBPS")]
+        max_read_mbps: Option<f64>,
+        /// Hashing threads (default: the number of cores).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+    },
+    /// The versions a sync replaced or deleted, kept in the folder's .latus/trash/.
+    Trash {
+        #[command(subcommand)]
+        command: TrashCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrashCommand {
+    /// List trashed versions, newest first.
+    List {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a trashed version back at its place (what is there now goes to the trash).
+    Restore {
+        path: PathBuf,
+        /// The file's path inside the folder, as `trash list` shows it.
+        file: String,
+        /// The version trashed at this time (the `trashed_at_ns` of `trash list --json`);
+        /// default: the newest.
+        #[arg(long, value_name = "NS")]
+        at: Option<i64>,
+    },
 }
 
 pub fn init_logging(filter: &str) {
@@ -95,8 +145,127 @@ pub fn run(args: Args) -> Result<ExitCode> {
             json,
             limit,
         } => log(&path, file.as_deref(), json, limit),
+        Command::Sync {
+            a,
+            b,
+            dry_run,
+            json,
+            allow_mass_delete,
+            max_read_mbps,
+            threads,
+        } => {
+            let config = home.config()?;
+            let mut options = SyncOptions {
+                dry_run,
+                allow_mass_delete,
+                scan: scan_options(&config, max_read_mbps, threads)?,
+                ..SyncOptions::default()
+            };
+            if let Some(percent) = config.sync.mass_delete_percent {
+                options.mass_delete_percent = percent;
+            }
+            if let Some(files) = config.sync.mass_delete_min_files {
+                options.mass_delete_min_files = files;
+            }
+            if let Some(days) = config.sync.trash_keep_days {
+                options.trash_keep_days = days;
+            }
+            return sync_folders(&a, &b, &options, json);
+        }
+        Command::Trash { command } => trash_command(command),
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn sync_folders(a: &Path, b: &Path, options: &SyncOptions, json: bool) -> Result<ExitCode> {
+    let report = local_sync::sync(a, b, options)
+        .with_context(|| format!("syncing {} and {}", a.display(), b.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_sync(&report, options.dry_run);
+    }
+    if options.dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !report.identical {
+        anyhow::bail!(
+            "the folders still differ after {} rounds (a file kept changing, or see the warnings above): {}",
+            report.rounds,
+            report.differences.join(", ")
+        );
+    }
+    Ok(if report.conflicts.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CONFLICTS)
+    })
+}
+
+fn print_sync(report: &SyncReport, dry_run: bool) {
+    let label = |root: &Path| if root == report.a.root { "A" } else { "B" };
+    println!("A = {}", report.a.root.display());
+    println!("B = {}", report.b.root.display());
+    if dry_run {
+        for action in &report.actions {
+            println!("{}: {}", label(&action.root), action.line);
+        }
+        println!("{} actions planned; nothing was changed", report.actions.len());
+        return;
+    }
+    for side in [&report.a, &report.b] {
+        println!(
+            "{}: {} changes applied, {} copied locally, {} read from the other side",
+            label(&side.root),
+            side.applied,
+            indicatif::HumanBytes(side.bytes_local),
+            indicatif::HumanBytes(side.bytes_fetched),
+        );
+    }
+    for conflict in &report.conflicts {
+        println!(
+            "conflict: {} (the other version is kept as {})",
+            conflict.path, conflict.copy_path
+        );
+    }
+    if report.identical {
+        println!("in sync");
+    }
+}
+
+fn trash_command(command: TrashCommand) -> Result<()> {
+    match command {
+        TrashCommand::List { path, json } => {
+            let folder = Folder::open(&path)?;
+            let items = trash::list(&folder)?;
+            for item in &items {
+                if json {
+                    println!("{}", serde_json::to_string(item)?);
+                } else {
+                    println!(
+                        "{}  {:>10}  {}",
+                        format_time(item.trashed_at_ns),
+                        indicatif::HumanBytes(item.size),
+                        item.path
+                    );
+                }
+            }
+            if !json && items.is_empty() {
+                println!("the trash is empty");
+            }
+        }
+        TrashCommand::Restore { path, file, at } => {
+            let folder = Folder::open(&path)?;
+            let _lock = folder.lock()?;
+            let item = trash::restore(&folder, &file, at)?;
+            println!(
+                "restored {} (trashed {})",
+                item.path,
+                format_time(item.trashed_at_ns)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn init(home: &Home, json: bool) -> Result<()> {
@@ -118,17 +287,6 @@ fn init(home: &Home, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// The device's peer id, creating the device state on first use.
-fn device_id(home: &Home) -> Result<PeerId> {
-    let (id, created) = home.init()?;
-    if created {
-        tracing::info!(
-            "created device state in {} (peer id {id})",
-            home.config_dir.display()
-        );
-    }
-    Ok(id)
-}
 
 fn scan_folder(
     home: &Home,
@@ -140,22 +298,14 @@ fn scan_folder(
     let config = home.config()?;
     let folder = Folder::open_or_create(path)?;
     let _lock = folder.lock()?;
-    let device = device_id(home)?;
     let mut store = HistoryStore::open(&folder.history_path())?;
-
-    let mut options = ScanOptions::default();
-    if let Some(mbps) = max_read_mbps.or(config.scan.max_read_mbps) {
-        anyhow::ensure!(mbps >= 0.0, "--max-read-mbps must not be negative");
-        options.max_read_bytes_per_sec = mbps * 1e6;
-    }
-    if let Some(n) = threads.or(config.scan.hash_threads) {
-        options.hash_threads = n.max(1);
-    }
+    let replica = store.replica_id()?;
+    let mut options = scan_options(&config, max_read_mbps, threads)?;
     let progress = (!json && std::io::stderr().is_terminal()).then(ScanProgress::start);
     if let Some(progress) = &progress {
         options.observer = Some(progress.clone() as Arc<dyn ScanObserver>);
     }
-    let summary = scan::scan(&folder, &mut store, device, &options)
+    let summary = scan::scan(&folder, &mut store, replica, &options)
         .with_context(|| format!("scanning {}", folder.root().display()))?;
     if let Some(progress) = progress {
         progress.bar.finish_and_clear();
@@ -166,6 +316,22 @@ fn scan_folder(
         print_summary(&summary);
     }
     Ok(())
+}
+
+fn scan_options(
+    config: &latus::device::Config,
+    max_read_mbps: Option<f64>,
+    threads: Option<usize>,
+) -> Result<ScanOptions> {
+    let mut options = ScanOptions::default();
+    if let Some(mbps) = max_read_mbps.or(config.scan.max_read_mbps) {
+        anyhow::ensure!(mbps >= 0.0, "--max-read-mbps must not be negative");
+        options.max_read_bytes_per_sec = mbps * 1e6;
+    }
+    if let Some(n) = threads.or(config.scan.hash_threads) {
+        options.hash_threads = n.max(1);
+    }
+    Ok(options)
 }
 
 fn print_summary(s: &ScanSummary) {

@@ -80,6 +80,19 @@ impl FromStr for PeerId {
 pub struct Config {
     #[serde(default)]
     pub scan: ScanConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// A sync that would delete more than this share of a folder's files stops (50).
+    pub mass_delete_percent: Option<u32>,
+    /// …but only in folders of at least this many files (10).
+    pub mass_delete_min_files: Option<usize>,
+    /// Days a replaced or deleted version stays in `.latus/trash/` (30).
+    pub trash_keep_days: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

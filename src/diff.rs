@@ -6,12 +6,19 @@
 //! version appears in the other's history is older; when neither does, the two
 //! sides changed the path independently: a conflict, unless the content is the same.
 //!
-//! This module only decides; turning decisions into disk actions (delete, move,
-//! copy, replace) is the engine's job.
+//! [`plan`] turns the decisions for every path into the actions that bring my
+//! folder up to date, cheapest first: delete, move, copy, replace. The merger
+//! applies them.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
 
 use crate::content::Hash;
 use crate::device::PeerId;
-use crate::history::{Entry, Kind};
+use crate::error::Result;
+use crate::folder::check_relative;
+use crate::history::{Entry, HistoryStore, Kind};
 
 /// What identifies one version of a path on every device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,11 +50,17 @@ impl VersionId {
         self.kind == other.kind && self.size == other.size && self.hash == other.hash
     }
 
-    /// Same content and the same metadata a sync sets (mtime, mode).
-    fn same_state(&self, other: &VersionId) -> bool {
+    /// Same content and the same metadata a sync sets (mtime, mode). A
+    /// directory's mtime moves with its content: only its mode is its metadata.
+    pub fn same_state(&self, other: &VersionId) -> bool {
         self.same_content(other)
-            && (self.kind == Kind::Deleted
-                || (self.mtime_ns == other.mtime_ns && self.mode == other.mode))
+            && match self.kind {
+                Kind::Deleted => true,
+                Kind::Dir => self.mode == other.mode,
+                Kind::File | Kind::Symlink => {
+                    self.mtime_ns == other.mtime_ns && self.mode == other.mode
+                }
+            }
     }
 
     /// The deterministic winner between independent versions: the later author
@@ -112,9 +125,13 @@ pub fn decide(mine: &[Entry], theirs: &[Entry]) -> Verdict {
     // Independent changes. An edit beats a deletion (nothing is lost; the edit is
     // re-propagated), and equal content is no conflict: the winner's metadata is
     // applied on both sides.
+    // A directory keeps its name against a file or symlink: renaming it away would
+    // move everything inside it.
     let mine_wins = match (my.kind, their.kind) {
         (Kind::Deleted, _) => false,
         (_, Kind::Deleted) => true,
+        (Kind::Dir, other) if other != Kind::Dir => true,
+        (other, Kind::Dir) if other != Kind::Dir => false,
         _ => my.wins_over(&their),
     };
     if my.same_content(&their) || my.kind == Kind::Deleted || their.kind == Kind::Deleted {
@@ -125,6 +142,304 @@ pub fn decide(mine: &[Entry], theirs: &[Entry]) -> Verdict {
         };
     }
     Verdict::Conflict { mine_wins }
+}
+
+/// One step that brings a path of my folder to the peer's version.
+#[derive(Debug, Clone)]
+pub struct Action {
+    /// The version the path holds afterwards (a deletion for [`Op::Delete`]).
+    pub target: Entry,
+    /// What my history says the path holds now (`None`: nothing). The disk must
+    /// still match it when the action runs, or the action waits for a rescan.
+    pub current: Option<Entry>,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Delete,
+    /// Rename my file `source`, which the peer deleted in the same change, to the path.
+    Move {
+        source: Entry,
+        source_deletion: Entry,
+    },
+    /// Copy my file `source`, which has the new content.
+    Copy { source: Entry },
+    /// Build the file from chunks: those I hold anywhere are copied locally, the
+    /// rest are read from the peer.
+    Replace,
+    MakeDir,
+    Symlink,
+    /// The content is already here: set mtime and mode, record the version.
+    SetMeta,
+    /// Rename my version, which lost a conflict, to `copy_path`; the winner is
+    /// placed at the path by the next action.
+    ConflictCopy { copy_path: String },
+}
+
+impl Action {
+    pub fn path(&self) -> &str {
+        &self.target.path
+    }
+
+    /// One line for `--dry-run`.
+    pub fn describe(&self) -> String {
+        let path = self.path();
+        match &self.op {
+            Op::Delete => format!("delete {path}"),
+            Op::Move { source, .. } => format!("move {} -> {path}", source.path),
+            Op::Copy { source } => format!("copy {} -> {path}", source.path),
+            Op::Replace => format!("replace {path} ({} bytes)", self.target.size),
+            Op::MakeDir => format!("mkdir {path}"),
+            Op::Symlink => format!(
+                "symlink {path} -> {}",
+                self.target.link_target.as_deref().unwrap_or("")
+            ),
+            Op::SetMeta => format!("meta {path}"),
+            Op::ConflictCopy { copy_path } => format!("conflict {path} -> {copy_path}"),
+        }
+    }
+
+    pub fn op_name(&self) -> &'static str {
+        match self.op {
+            Op::Delete => "delete",
+            Op::Move { .. } => "move",
+            Op::Copy { .. } => "copy",
+            Op::Replace => "replace",
+            Op::MakeDir => "mkdir",
+            Op::Symlink => "symlink",
+            Op::SetMeta => "meta",
+            Op::ConflictCopy { .. } => "conflict",
+        }
+    }
+}
+
+/// A conflict this side resolves by keeping its own version as a copy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConflictCopy {
+    pub path: String,
+    pub copy_path: String,
+}
+
+/// Everything my folder must do to take the peer's newer versions.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Entries from the peer that were refused (bad paths).
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    pub fn conflicts(&self) -> Vec<ConflictCopy> {
+        self.actions
+            .iter()
+            .filter_map(|a| match &a.op {
+                Op::ConflictCopy { copy_path } => Some(ConflictCopy {
+                    path: a.path().to_string(),
+                    copy_path: copy_path.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Files and symlinks this plan deletes (moves are not deletions).
+    pub fn deletions(&self) -> usize {
+        self.actions
+            .iter()
+            .filter(|a| {
+                matches!(a.op, Op::Delete) && a.current.as_ref().is_some_and(|c| c.kind != Kind::Dir)
+            })
+            .count()
+    }
+}
+
+/// Compares my history with what I received of `peer`'s and plans the actions
+/// that apply its newer versions here.
+pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
+    let mine: HashMap<String, Entry> = store
+        .latest_all()?
+        .into_iter()
+        .map(|e| (e.path.clone(), e))
+        .collect();
+    let mut plan = Plan::default();
+    let mut takes: Vec<(Entry, Option<Entry>)> = Vec::new();
+    let mut losers: Vec<Entry> = Vec::new();
+    for theirs in store.remote_latest_all(peer)? {
+        if let Err(e) = check_relative(&theirs.path) {
+            plan.warnings.push(e.to_string());
+            continue;
+        }
+        let current = mine.get(&theirs.path).filter(|e| e.kind != Kind::Deleted);
+        let verdict = match mine.get(&theirs.path) {
+            None if theirs.kind == Kind::Deleted => Verdict::InSync,
+            None => Verdict::TakeTheirs,
+            Some(my) if VersionId::of(my).same_state(&VersionId::of(&theirs)) => Verdict::InSync,
+            Some(_) => decide(
+                &store.history(&theirs.path)?,
+                &store.remote_history(peer, &theirs.path)?,
+            ),
+        };
+        match verdict {
+            Verdict::InSync | Verdict::KeepMine | Verdict::Conflict { mine_wins: true } => {}
+            Verdict::TakeTheirs => {
+                if theirs.kind != Kind::Deleted || current.is_some() {
+                    takes.push((theirs, current.cloned()));
+                }
+            }
+            Verdict::Conflict { mine_wins: false } => {
+                if let Some(loser) = current {
+                    losers.push(loser.clone());
+                }
+                takes.push((theirs, None));
+            }
+        }
+    }
+
+    let mut taken_names: HashSet<String> = mine
+        .values()
+        .filter(|e| e.kind != Kind::Deleted)
+        .map(|e| e.path.clone())
+        .collect();
+    for loser in losers {
+        let copy_path = free_name(&conflict_name(&loser.path, &loser), &mut taken_names);
+        let mut target = loser.clone();
+        target.path = copy_path.clone();
+        plan.actions.push(Action {
+            target,
+            current: Some(loser),
+            op: Op::ConflictCopy { copy_path },
+        });
+    }
+
+    // Files the peer deleted that I still hold, by content: sources for moves.
+    let mut deleted_here: HashMap<Hash, Vec<(Entry, Entry)>> = HashMap::new();
+    for (theirs, current) in &takes {
+        if let (Kind::Deleted, Some(cur)) = (theirs.kind, current)
+            && cur.kind == Kind::File
+            && let Some(hash) = cur.hash
+        {
+            deleted_here
+                .entry(hash)
+                .or_default()
+                .push((cur.clone(), theirs.clone()));
+        }
+    }
+    let mut by_hash: HashMap<Hash, &Entry> = HashMap::new();
+    for entry in mine.values() {
+        if let (Kind::File, Some(hash)) = (entry.kind, entry.hash) {
+            by_hash.entry(hash).or_insert(entry);
+        }
+    }
+    let mut moved_away: HashSet<String> = HashSet::new();
+    for (theirs, current) in takes {
+        let op = match theirs.kind {
+            Kind::Deleted => Op::Delete,
+            Kind::Dir if current.as_ref().is_some_and(|c| c.kind == Kind::Dir) => Op::SetMeta,
+            Kind::Dir => Op::MakeDir,
+            Kind::Symlink
+                if current.as_ref().is_some_and(|c| {
+                    c.kind == Kind::Symlink && c.link_target == theirs.link_target
+                }) =>
+            {
+                Op::SetMeta
+            }
+            Kind::Symlink => Op::Symlink,
+            Kind::File
+                if current
+                    .as_ref()
+                    .is_some_and(|c| c.kind == Kind::File && c.hash == theirs.hash) =>
+            {
+                Op::SetMeta
+            }
+            Kind::File if theirs.size == 0 => Op::Replace,
+            Kind::File => {
+                let hash = theirs.hash.unwrap_or(Hash([0; 32]));
+                let movable = deleted_here.get_mut(&hash).and_then(Vec::pop);
+                match (movable, by_hash.get(&hash)) {
+                    (Some((source, source_deletion)), _) => {
+                        moved_away.insert(source.path.clone());
+                        Op::Move {
+                            source,
+                            source_deletion,
+                        }
+                    }
+                    (None, Some(source)) if source.path != theirs.path => Op::Copy {
+                        source: (*source).clone(),
+                    },
+                    _ => Op::Replace,
+                }
+            }
+        };
+        plan.actions.push(Action {
+            target: theirs,
+            current,
+            op,
+        });
+    }
+    // A moved file's deletion is part of the move.
+    plan.actions
+        .retain(|a| !(matches!(a.op, Op::Delete) && moved_away.contains(a.path())));
+    plan.actions
+        .sort_by(|a, b| phase(a).cmp(&phase(b)).then_with(|| a.path().cmp(b.path())));
+    Ok(plan)
+}
+
+/// The order that keeps every step possible: conflict copies out of the way,
+/// directories before what goes in them, copies before their source may move,
+/// deletions last, directories deepest first, and files that replace a directory
+/// once it is empty.
+fn phase(action: &Action) -> (u8, i64) {
+    let depth = action.path().matches('/').count() as i64;
+    let over_dir = action.current.as_ref().is_some_and(|c| c.kind == Kind::Dir);
+    match &action.op {
+        Op::ConflictCopy { .. } => (0, 0),
+        Op::MakeDir => (1, depth),
+        Op::SetMeta if action.target.kind == Kind::Dir => (1, depth),
+        Op::Delete if over_dir => (6, -depth),
+        Op::Delete => (5, 0),
+        _ if over_dir => (7, depth),
+        Op::Copy { .. } => (2, 0),
+        Op::Move { .. } => (3, 0),
+        Op::Replace | Op::Symlink | Op::SetMeta => (4, 0),
+    }
+}
+
+
+/// `dir/name.sync-conflict-YYYYMMDD-HHMMSS-<short author id>.ext`, from the losing
+/// version alone, so every device names the same conflict the same way.
+pub fn conflict_name(path: &str, loser: &Entry) -> String {
+    let (dir, name) = match path.rfind('/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => ("", path),
+    };
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let time = jiff::Timestamp::from_nanosecond(loser.author_utime_ns as i128)
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+        .strftime("%Y%m%d-%H%M%S");
+    format!(
+        "{dir}{stem}.sync-conflict-{time}-{}{ext}",
+        loser.author_peerid.short()
+    )
+}
+
+/// `name`, or `name` with a counter when a path of that name exists here already.
+fn free_name(name: &str, taken: &mut HashSet<String>) -> String {
+    let mut candidate = name.to_string();
+    let mut counter = 2;
+    while taken.contains(&candidate) {
+        candidate = format!("{name}-{counter}");
+        counter += 1;
+    }
+    taken.insert(candidate.clone());
+    candidate
 }
 
 #[cfg(test)]

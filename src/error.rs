@@ -48,6 +48,21 @@ pub enum Error {
     InvalidPeerId(String, &'static str),
     #[error("the scan was interrupted: {0}")]
     ScanAborted(String),
+    #[error("refused path {path:?}: {reason}")]
+    UnsafePath { path: String, reason: &'static str },
+    #[error("{} has no .latus/ directory but was synced before: is the drive mounted? (to start it over as a new folder, run `latus scan` on it first)", .0.display())]
+    MissingMarker(PathBuf),
+    #[error("this sync would delete {deletes} of the {files} files in {} (more than {percent}%); nothing was changed. If that is intended, run again with --allow-mass-delete", root.display())]
+    MassDelete {
+        root: PathBuf,
+        deletes: usize,
+        files: usize,
+        percent: u32,
+    },
+    #[error("peer: {0}")]
+    Peer(String),
+    #[error("trash of {}: no trashed version of {path:?}", root.display())]
+    NotInTrash { root: PathBuf, path: String },
 }
 
 impl Error {

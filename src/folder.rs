@@ -76,6 +76,35 @@ impl Folder {
     }
 }
 
+/// Checks a relative folder path received from anywhere (a peer, a user): `/`
+/// separated, no empty, `.` or `..` component, no NUL, not inside `.latus/`.
+pub fn check_relative(path: &str) -> Result<()> {
+    let refuse = |reason| {
+        Err(Error::UnsafePath {
+            path: path.to_string(),
+            reason,
+        })
+    };
+    if path.is_empty() {
+        return refuse("empty");
+    }
+    if path.starts_with('/') {
+        return refuse("absolute");
+    }
+    if path.contains('\0') {
+        return refuse("contains NUL");
+    }
+    for component in path.split('/') {
+        match component {
+            "" => return refuse("empty component"),
+            "." | ".." => return refuse("`.` or `..` component"),
+            MARKER_DIR => return refuse("inside .latus/"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn checked_root(root: &Path) -> Result<PathBuf> {
     let meta = fs::metadata(root).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::NotFound(root.to_path_buf()),
@@ -90,6 +119,22 @@ fn checked_root(root: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_paths_that_could_escape_are_refused() {
+        for bad in [
+            "", "/etc/passwd", "a/../../x", "..", "a//b", "./a", "a/", ".latus/history.db",
+            "x/.latus/y", "nul\0byte",
+        ] {
+            assert!(
+                matches!(check_relative(bad), Err(Error::UnsafePath { .. })),
+                "{bad:?}"
+            );
+        }
+        for good in ["a", "a/b.txt", "..hidden", "a/.latusignore", "...", "é/ü"] {
+            check_relative(good).unwrap();
+        }
+    }
 
     #[test]
     fn open_refuses_a_root_without_marker() {

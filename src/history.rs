@@ -49,11 +49,46 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (content, idx)
     ) WITHOUT ROWID;
     CREATE INDEX content_chunks_by_chunk ON content_chunks(chunk);
+"#, r#"
+    -- Facts about this replica of the folder (its replica id).
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+    -- The histories of the peers this folder syncs with, as far as received:
+    -- what diff_histories compares ours with. Local fields (inode, ctime) are not sent.
+    CREATE TABLE remote_entries (
+        peer BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        mode INTEGER NOT NULL,
+        hash BLOB,
+        link_target TEXT,
+        peerid BLOB NOT NULL,
+        author_peerid BLOB NOT NULL,
+        author_utime_ns INTEGER NOT NULL,
+        utime_ns INTEGER NOT NULL,
+        PRIMARY KEY (peer, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX remote_entries_by_path ON remote_entries(peer, path, seq);
+    -- How far each peer's history has been received, and where its root was last
+    -- seen (a local peer), to tell an unmounted drive from a new folder.
+    CREATE TABLE remote_peers (
+        peer BLOB PRIMARY KEY,
+        last_seq INTEGER NOT NULL,
+        root TEXT
+    ) WITHOUT ROWID;
 "#];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const ENTRY_COLUMNS: &str = "seq, path, kind, size, mtime_ns, mode, inode, ctime_ns, hash, \
+     link_target, peerid, author_peerid, author_utime_ns, utime_ns";
+/// The same columns from `remote_entries`, which has no local stat fields.
+const REMOTE_COLUMNS: &str = "seq, path, kind, size, mtime_ns, mode, 0, 0, hash, \
      link_target, peerid, author_peerid, author_utime_ns, utime_ns";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -155,6 +190,7 @@ impl HistoryStore {
         };
         store.configure()?;
         store.migrate()?;
+        store.ensure_replica_id()?;
         Ok(store)
     }
 
@@ -377,6 +413,174 @@ impl HistoryStore {
             .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(e))
+    }
+
+    /// This replica's id: the author id of the versions found here. Each copy of a
+    /// folder is a replica of its own, even two folders on one device.
+    pub fn replica_id(&self) -> Result<PeerId> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'replica_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        bytes
+            .as_deref()
+            .and_then(PeerId::from_slice)
+            .ok_or_else(|| Error::CorruptDatabase {
+                path: self.path.clone(),
+                reason: "no replica id".into(),
+            })
+    }
+
+    fn ensure_replica_id(&mut self) -> Result<()> {
+        let mut id = [0u8; 32];
+        getrandom::fill(&mut id).map_err(|e| Error::DeviceState {
+            path: self.path.clone(),
+            reason: format!("no random bytes for a replica id: {e}"),
+        })?;
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('replica_id', ?1)",
+                [&id[..]],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The files that hold `chunk` in their current content: (entry, offset).
+    pub fn chunk_locations(&self, chunk: &Hash) -> Result<Vec<(Entry, u64)>> {
+        let mut found: Vec<(Entry, u64)> = self
+            .latests_by_hash(chunk)?
+            .into_iter()
+            .filter(|e| e.size > 0)
+            .map(|e| (e, 0))
+            .collect();
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS}, cc.offset FROM content_chunks AS cc \
+             JOIN entries AS e ON e.hash = cc.content \
+             WHERE cc.chunk = ?1 AND e.kind = 0 \
+             AND e.seq = (SELECT MAX(seq) FROM entries WHERE path = e.path) LIMIT 8"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([&chunk.0[..]], |row| {
+                Ok((entry_from_row(row)?, row.get::<_, i64>(14)? as u64))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            found.push(row.map_err(|e| self.err(e))?);
+        }
+        Ok(found)
+    }
+
+    /// Every chunk hash this history knows (current or not): a quick "surely not
+    /// here" before looking for a chunk's location.
+    pub fn all_chunk_hashes(&self) -> Result<std::collections::HashSet<Hash>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT chunk FROM content_chunks \
+                 UNION SELECT hash FROM entries WHERE kind = 0 AND hash IS NOT NULL",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |row| hash_column(row, 0))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The last sequence number received from `peer`, and the root it was last
+    /// seen at (local peers only).
+    pub fn remote_state(&self, peer: &PeerId) -> Result<Option<(u64, Option<String>)>> {
+        self.conn
+            .query_row(
+                "SELECT last_seq, root FROM remote_peers WHERE peer = ?1",
+                [&peer.0[..]],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Whether a local peer with history was ever synced at `root`.
+    pub fn knows_root(&self, root: &str) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM remote_peers WHERE root = ?1 AND last_seq > 0 LIMIT 1",
+                [root],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Stores entries received from `peer` (in its sequence order) and how far
+    /// its history has now been received.
+    pub fn store_remote(
+        &mut self,
+        peer: &PeerId,
+        entries: &[Entry],
+        last_seq: u64,
+        root: Option<&str>,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| classify(&path, e))?;
+        let stored = (|| {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO remote_entries (peer, seq, path, kind, size, mtime_ns, \
+                 mode, hash, link_target, peerid, author_peerid, author_utime_ns, utime_ns) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?;
+            for e in entries {
+                insert.execute(params![
+                    &peer.0[..],
+                    e.seq as i64,
+                    e.path,
+                    e.kind.code(),
+                    e.size as i64,
+                    e.mtime_ns,
+                    e.mode,
+                    e.hash.as_ref().map(|h| &h.0[..]),
+                    e.link_target,
+                    &e.peerid.0[..],
+                    &e.author_peerid.0[..],
+                    e.author_utime_ns,
+                    e.utime_ns,
+                ])?;
+            }
+            tx.execute(
+                "INSERT INTO remote_peers (peer, last_seq, root) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (peer) DO UPDATE SET last_seq = excluded.last_seq, \
+                 root = COALESCE(excluded.root, root)",
+                params![&peer.0[..], last_seq as i64, root],
+            )?;
+            Ok(())
+        })();
+        stored
+            .and_then(|()| tx.commit())
+            .map_err(|e| classify(&path, e))
+    }
+
+    /// The current entry of every path in `peer`'s history as received.
+    pub fn remote_latest_all(&self, peer: &PeerId) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {REMOTE_COLUMNS} FROM remote_entries WHERE peer = ?1 AND seq IN \
+             (SELECT MAX(seq) FROM remote_entries WHERE peer = ?1 GROUP BY path)"
+        );
+        self.query_entries(&sql, [&peer.0[..]])
+    }
+
+    /// Every version of `path` in `peer`'s history as received, newest first.
+    pub fn remote_history(&self, peer: &PeerId, path: &str) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {REMOTE_COLUMNS} FROM remote_entries WHERE peer = ?1 AND path = ?2 \
+             ORDER BY seq DESC"
+        );
+        self.query_entries(&sql, params![&peer.0[..], path])
     }
 
     /// Number of distinct chunks listed for multi-chunk contents.

@@ -1,7 +1,9 @@
 //! Latus: peer-to-peer folder synchronisation.
 //!
 //! Modules follow the data flow of `DESIGN.md`:
-//! disk → [`scan`] → [`history`] (SQLite) → … (diff, chunks, merge, net come later).
+//! disk → [`scan`] → [`history`] (SQLite) → history exchange with a [`peer`] →
+//! [`diff`] (decide and plan) → [`merge`] (apply, old versions to the [`trash`]).
+//! [`sync`] runs that loop between two local folders (`latus sync A B`).
 //! [`content`] cuts and hashes file content, [`folder`] owns a synced root and its
 //! `.latus/` directory, [`device`] owns the per-device state (`$LATUS_HOME`).
 
@@ -11,7 +13,11 @@ pub mod diff;
 pub mod error;
 pub mod folder;
 pub mod history;
+pub mod merge;
+pub mod peer;
 pub mod scan;
+pub mod sync;
 pub mod throttle;
+pub mod trash;
 
 pub use error::{Error, Result};

@@ -1,0 +1,672 @@
+//! The merger: applies a [`Plan`] to the folder's disk and records what it did.
+//!
+//! Unison's invariant holds at every moment: each path holds either its old
+//! content or its new one. New files are built in `.latus/tmp/`, verified against
+//! their hash, and renamed into place; the version they replace is kept in the
+//! trash (a hard link taken just before the rename). Right before touching a path
+//! its current state is compared with what the last scan recorded: a local change
+//! the scan has not seen yet is never overwritten; the action waits for the next
+//! round, after a rescan, and the rules decide again.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::content::{ChunkInfo, Hash};
+use crate::device::PeerId;
+use crate::diff::{Action, ConflictCopy, Op, Plan};
+use crate::error::{Error, Result};
+use crate::folder::{Folder, check_relative};
+use crate::history::{Entry, HistoryStore, Kind, Record};
+use crate::peer::{Peer, read_verified};
+use crate::trash::Trash;
+
+const TMP_DIR: &str = "tmp";
+/// Same rule as the scanner's: a file modified this recently may still change
+/// within the same timestamp tick, so its ctime is not trusted.
+const RACY_WINDOW_NS: i64 = 2_000_000_000;
+const COPY_BUFFER: usize = 1 << 20;
+
+pub struct MergeOptions {
+    /// History records per transaction.
+    pub batch_size: usize,
+    /// Stop after this many actions as if killed: records not yet committed are
+    /// dropped (tests of interrupted syncs).
+    pub interrupt_after: Option<usize>,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            batch_size: 1000,
+            interrupt_after: None,
+        }
+    }
+}
+
+/// What applying a plan did.
+#[derive(Debug, Default, Serialize)]
+pub struct MergeReport {
+    pub applied: usize,
+    /// Paths left for the next round: changed on disk since the last scan, or
+    /// their content was not available.
+    pub deferred: Vec<String>,
+    pub conflicts: Vec<ConflictCopy>,
+    /// Bytes copied from files already in this folder.
+    pub bytes_local: u64,
+    /// Bytes read from the peer.
+    pub bytes_fetched: u64,
+    pub warnings: Vec<String>,
+    pub interrupted: bool,
+}
+
+/// Applies `plan` to `folder`, reading content it lacks from `peer`.
+pub fn apply(
+    folder: &Folder,
+    store: &mut HistoryStore,
+    peer: &dyn Peer,
+    plan: Plan,
+    options: &MergeOptions,
+) -> Result<MergeReport> {
+    let tmp = folder.marker_dir().join(TMP_DIR);
+    clear_dir(&tmp)?;
+    let mut merger = Merger {
+        root: folder.root().to_path_buf(),
+        tmp,
+        replica: store.replica_id()?,
+        store,
+        peer,
+        trash: Trash::new(folder),
+        records: Vec::new(),
+        report: MergeReport::default(),
+        local_chunks: None,
+        pending_chunks: Vec::new(),
+        tmp_counter: 0,
+    };
+    let mut done = 0;
+    for action in &plan.actions {
+        if options.interrupt_after.is_some_and(|n| done >= n) {
+            merger.report.interrupted = true;
+            return Ok(merger.report);
+        }
+        match merger.run(action) {
+            Ok(true) => merger.report.applied += 1,
+            Ok(false) => merger.report.deferred.push(action.path().to_string()),
+            Err(e) if is_fatal(&e) => {
+                merger.commit()?;
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!("{}: {e}", action.describe());
+                merger.report.warnings.push(format!("{}: {e}", action.describe()));
+                merger.report.deferred.push(action.path().to_string());
+            }
+        }
+        done += 1;
+        if merger.records.len() >= options.batch_size {
+            merger.commit()?;
+        }
+    }
+    merger.commit()?;
+    Ok(merger.report)
+}
+
+fn is_fatal(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+        Error::DiskFull(_) | Error::CorruptDatabase { .. } | Error::DatabaseLocked(_) => true,
+        Error::Database { .. } => true,
+        _ => false,
+    }
+}
+
+struct Merger<'a> {
+    root: PathBuf,
+    tmp: PathBuf,
+    replica: PeerId,
+    store: &'a mut HistoryStore,
+    peer: &'a dyn Peer,
+    trash: Trash,
+    records: Vec<Record>,
+    report: MergeReport,
+    /// Every chunk hash this folder holds, loaded on the first replace: most
+    /// chunks of a new file are not here, and a set answers that without a query.
+    local_chunks: Option<HashSet<Hash>>,
+    /// The chunk list of the file just built, recorded with its entry.
+    pending_chunks: Vec<ChunkInfo>,
+    tmp_counter: u64,
+}
+
+impl Merger<'_> {
+    fn commit(&mut self) -> Result<()> {
+        if !self.records.is_empty() {
+            self.store.write_batch(&self.records)?;
+            self.records.clear();
+        }
+        Ok(())
+    }
+
+    /// Runs one action; `Ok(false)` when it must wait for a rescan.
+    fn run(&mut self, action: &Action) -> Result<bool> {
+        let rel = action.path();
+        check_relative(rel)?;
+        let abs = self.root.join(rel);
+        match &action.op {
+            Op::ConflictCopy { copy_path } => {
+                check_relative(copy_path)?;
+                let Some(current) = &action.current else {
+                    return Ok(false);
+                };
+                prepare_parent(&self.root, copy_path)?;
+                if !disk_matches(&abs, Some(current))? {
+                    return Ok(false);
+                }
+                if !rename_no_replace(&abs, &self.root.join(copy_path))? {
+                    return Ok(false);
+                }
+                self.record(&action.target, &self.root.join(copy_path))?;
+                self.report.conflicts.push(ConflictCopy {
+                    path: rel.to_string(),
+                    copy_path: copy_path.clone(),
+                });
+                Ok(true)
+            }
+            Op::Delete => self.delete(action, &abs),
+            Op::MakeDir => {
+                prepare_parent(&self.root, rel)?;
+                match fs::symlink_metadata(&abs) {
+                    // A directory made here meanwhile is the same directory.
+                    Ok(meta) if meta.is_dir() => {}
+                    _ => {
+                        if !disk_matches(&abs, action.current.as_ref())? {
+                            return Ok(false);
+                        }
+                        if action.current.is_some() {
+                            self.trash.take(&self.root, rel)?;
+                        }
+                        fs::create_dir(&abs).map_err(|e| Error::io(&abs, e))?;
+                    }
+                }
+                set_mode(&abs, action.target.mode)?;
+                self.record(&action.target, &abs)?;
+                Ok(true)
+            }
+            Op::SetMeta => {
+                if !disk_matches(&abs, action.current.as_ref())? {
+                    return Ok(false);
+                }
+                self.set_meta(&abs, &action.target)?;
+                self.record(&action.target, &abs)?;
+                Ok(true)
+            }
+            Op::Symlink => {
+                let target = action.target.link_target.as_deref().unwrap_or_default();
+                let temp = self.temp_path();
+                symlink(target, &temp).map_err(|e| Error::io(&temp, e))?;
+                set_mtime(&temp, action.target.mtime_ns)?;
+                self.place(action, &temp)
+            }
+            Op::Move {
+                source,
+                source_deletion,
+            } => {
+                let from = self.root.join(&source.path);
+                check_relative(&source.path)?;
+                if !disk_matches(&from, Some(source))? {
+                    return self.build_and_place(action);
+                }
+                prepare_parent(&self.root, rel)?;
+                if !disk_matches(&abs, action.current.as_ref())? {
+                    return Ok(false);
+                }
+                if !self.replace_with(action, &from)? {
+                    return Ok(false);
+                }
+                self.set_meta(&abs, &action.target)?;
+                self.record(&action.target, &abs)?;
+                self.record(source_deletion, &from)?;
+                Ok(true)
+            }
+            Op::Copy { .. } | Op::Replace => self.build_and_place(action),
+        }
+    }
+
+    fn delete(&mut self, action: &Action, abs: &Path) -> Result<bool> {
+        let Some(current) = &action.current else {
+            return Ok(true);
+        };
+        if !disk_matches(abs, Some(current))? {
+            return Ok(false);
+        }
+        if current.kind != Kind::Dir {
+            self.trash.take(&self.root, action.path())?;
+            self.record(&action.target, abs)?;
+            return Ok(true);
+        }
+        match fs::remove_dir(abs) {
+            Ok(()) => {
+                self.record(&action.target, abs)?;
+                Ok(true)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                // Ignored or not yet synced content keeps the directory; a new
+                // version of it brings it back on the other side.
+                let mut kept = current.clone();
+                kept.author_peerid = self.replica;
+                kept.author_utime_ns = now_ns();
+                self.record(&kept, abs)?;
+                self.report.warnings.push(format!(
+                    "{}: kept, it holds content that is not synced",
+                    action.path()
+                ));
+                Ok(true)
+            }
+            Err(e) => Err(Error::io(abs, e)),
+        }
+    }
+
+    /// Builds the target file in a temp file (copied from a local source, else
+    /// from chunks) and renames it into place.
+    fn build_and_place(&mut self, action: &Action) -> Result<bool> {
+        let temp = self.temp_path();
+        let built = match &action.op {
+            Op::Copy { source } | Op::Move { source, .. } => {
+                match self.copy_local(source, &action.target, &temp)? {
+                    true => true,
+                    false => self.build_from_chunks(&action.target, &temp)?,
+                }
+            }
+            _ => self.build_from_chunks(&action.target, &temp)?,
+        };
+        if !built {
+            let _ = fs::remove_file(&temp);
+            return Ok(false);
+        }
+        self.place(action, &temp)
+    }
+
+    /// Renames the finished `temp` to the action's path, keeping what was there
+    /// in the trash, and records the version.
+    fn place(&mut self, action: &Action, temp: &Path) -> Result<bool> {
+        let rel = action.path();
+        let abs = self.root.join(rel);
+        let placed = prepare_parent(&self.root, rel)
+            .and_then(|()| disk_matches(&abs, action.current.as_ref()))
+            .and_then(|matches| match matches {
+                true => self.replace_with(action, temp),
+                false => Ok(false),
+            });
+        if !matches!(placed, Ok(true)) {
+            let _ = fs::remove_file(temp);
+            return placed;
+        }
+        self.record(&action.target, &abs)?;
+        Ok(true)
+    }
+
+    /// Renames `from` over the action's path (whose state was just checked).
+    fn replace_with(&mut self, action: &Action, from: &Path) -> Result<bool> {
+        let rel = action.path();
+        let abs = self.root.join(rel);
+        match action.current.as_ref().map(|c| c.kind) {
+            None | Some(Kind::Deleted) => rename_no_replace(from, &abs),
+            Some(Kind::Dir) => match fs::remove_dir(&abs) {
+                Ok(()) => rename_no_replace(from, &abs),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    self.report.warnings.push(format!(
+                        "{rel}: not replaced, the directory holds content that is not synced"
+                    ));
+                    Ok(false)
+                }
+                Err(e) => Err(Error::io(&abs, e)),
+            },
+            Some(Kind::File | Kind::Symlink) => {
+                self.trash.keep(&self.root, rel)?;
+                fs::rename(from, &abs).map_err(|e| Error::io(&abs, e))?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Copies a file of this folder that has the target's content; `false` if it
+    /// no longer has it.
+    fn copy_local(&mut self, source: &Entry, target: &Entry, temp: &Path) -> Result<bool> {
+        let from = self.root.join(&source.path);
+        let mut input = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&from)
+        {
+            Ok(file) => file,
+            Err(_) => return Ok(false),
+        };
+        let meta = input.metadata().map_err(|e| Error::io(&from, e))?;
+        if !meta.is_file() || meta.size() != source.size || mtime_of(&meta) != source.mtime_ns {
+            return Ok(false);
+        }
+        let mut output = self.create_temp(temp)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buffer = vec![0; COPY_BUFFER];
+        let mut copied = 0u64;
+        loop {
+            let n = input.read(&mut buffer).map_err(|e| Error::io(&from, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            output
+                .write_all(&buffer[..n])
+                .map_err(|e| Error::io(temp, e))?;
+            copied += n as u64;
+        }
+        if copied != target.size || Some(Hash(*hasher.finalize().as_bytes())) != target.hash {
+            return Ok(false);
+        }
+        self.report.bytes_local += copied;
+        finish_file(output, temp, target)?;
+        Ok(true)
+    }
+
+    /// Builds the target from its chunks: from this folder where it holds them,
+    /// else from the peer. `false` if some chunk is not available.
+    fn build_from_chunks(&mut self, target: &Entry, temp: &Path) -> Result<bool> {
+        let Some(content) = target.hash else {
+            return Err(Error::Peer(format!("{}: a file without a hash", target.path)));
+        };
+        let mut chunks = if target.size == 0 {
+            Vec::new()
+        } else {
+            self.peer.chunks_of(&content)?
+        };
+        if chunks.is_empty() && target.size > 0 {
+            chunks.push(ChunkInfo {
+                hash: content,
+                offset: 0,
+                len: u32::try_from(target.size).unwrap_or(u32::MAX),
+            });
+        }
+        let mut expected_offset = 0;
+        for chunk in &chunks {
+            if chunk.offset != expected_offset {
+                return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
+            }
+            expected_offset += u64::from(chunk.len);
+        }
+        if expected_offset != target.size {
+            return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
+        }
+        let mut output = self.create_temp(temp)?;
+        let mut hasher = blake3::Hasher::new();
+        for chunk in &chunks {
+            let bytes = match self.local_chunk(chunk)? {
+                Some(bytes) => {
+                    self.report.bytes_local += bytes.len() as u64;
+                    bytes
+                }
+                None => match self.peer.read_chunk(&content, chunk)? {
+                    Some(bytes) if Hash::of(&bytes) == chunk.hash => {
+                        self.report.bytes_fetched += bytes.len() as u64;
+                        bytes
+                    }
+                    Some(_) => {
+                        return Err(Error::Peer(format!(
+                            "{}: the peer sent a chunk that does not match its hash",
+                            target.path
+                        )));
+                    }
+                    None => return Ok(false),
+                },
+            };
+            hasher.update(&bytes);
+            output.write_all(&bytes).map_err(|e| Error::io(temp, e))?;
+        }
+        if chunks.len() > 1 && Hash(*hasher.finalize().as_bytes()) != content {
+            return Err(Error::Peer(format!(
+                "{}: the assembled file does not match its hash",
+                target.path
+            )));
+        }
+        // The chunk list is recorded with the entry once the file is placed.
+        self.pending_chunks = chunks;
+        finish_file(output, temp, target)?;
+        Ok(true)
+    }
+
+    /// `chunk` read from a file of this folder that holds it, if any does.
+    fn local_chunk(&mut self, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
+        let known = match &self.local_chunks {
+            Some(known) => known,
+            None => self.local_chunks.insert(self.store.all_chunk_hashes()?),
+        };
+        if !known.contains(&chunk.hash) {
+            return Ok(None);
+        }
+        for (entry, offset) in self.store.chunk_locations(&chunk.hash)? {
+            if let Some(bytes) = read_verified(&self.root, &entry, offset, chunk)? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
+
+    fn set_meta(&self, abs: &Path, target: &Entry) -> Result<()> {
+        match target.kind {
+            Kind::File => {
+                set_mode(abs, target.mode)?;
+                set_mtime(abs, target.mtime_ns)
+            }
+            Kind::Symlink => set_mtime(abs, target.mtime_ns),
+            Kind::Dir => set_mode(abs, target.mode),
+            Kind::Deleted => Ok(()),
+        }
+    }
+
+    /// Records that `abs` now holds `version` (authored elsewhere; recorded here).
+    fn record(&mut self, version: &Entry, abs: &Path) -> Result<()> {
+        let now = now_ns();
+        let mut entry = Entry {
+            seq: 0,
+            peerid: self.replica,
+            utime_ns: now,
+            inode: 0,
+            ctime_ns: 0,
+            ..version.clone()
+        };
+        if version.kind != Kind::Deleted {
+            let meta = fs::symlink_metadata(abs).map_err(|e| Error::io(abs, e))?;
+            entry.inode = meta.ino();
+            if now - mtime_of(&meta) >= RACY_WINDOW_NS {
+                entry.ctime_ns = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
+            }
+        }
+        let chunks = match version.kind {
+            Kind::File => std::mem::take(&mut self.pending_chunks),
+            _ => Vec::new(),
+        };
+        self.records.push(Record::Append { entry, chunks });
+        Ok(())
+    }
+
+    fn temp_path(&mut self) -> PathBuf {
+        self.tmp_counter += 1;
+        self.tmp.join(format!("{}-{}", std::process::id(), self.tmp_counter))
+    }
+
+    fn create_temp(&self, temp: &Path) -> Result<File> {
+        File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(temp)
+            .map_err(|e| Error::io(temp, e))
+    }
+}
+
+/// Sets the finished temp file's mode and mtime (after the last write).
+fn finish_file(file: File, temp: &Path, target: &Entry) -> Result<()> {
+    file.set_permissions(fs::Permissions::from_mode(target.mode & 0o777))
+        .map_err(|e| Error::io(temp, e))?;
+    drop(file);
+    set_mtime(temp, target.mtime_ns)
+}
+
+/// Whether `abs` still is what the history says (`None`: nothing).
+fn disk_matches(abs: &Path, expected: Option<&Entry>) -> Result<bool> {
+    let expected = expected.filter(|e| e.kind != Kind::Deleted);
+    let meta = match fs::symlink_metadata(abs) {
+        Ok(meta) => meta,
+        Err(e) if is_gone(&e) => return Ok(expected.is_none()),
+        Err(e) => return Err(Error::io(abs, e)),
+    };
+    let Some(expected) = expected else {
+        return Ok(false);
+    };
+    Ok(match expected.kind {
+        Kind::File => {
+            meta.is_file()
+                && meta.size() == expected.size
+                && mtime_of(&meta) == expected.mtime_ns
+                && meta.mode() & 0o7777 == expected.mode
+                && (expected.inode == 0 || meta.ino() == expected.inode)
+                && (expected.ctime_ns == 0
+                    || meta.ctime() * 1_000_000_000 + meta.ctime_nsec() == expected.ctime_ns)
+        }
+        Kind::Dir => meta.is_dir(),
+        Kind::Symlink => {
+            meta.is_symlink()
+                && fs::read_link(abs)
+                    .ok()
+                    .is_some_and(|t| t.to_str() == expected.link_target.as_deref())
+        }
+        Kind::Deleted => false,
+    })
+}
+
+/// Makes sure every parent of `rel` is a real directory inside `root` (creating
+/// missing ones), never a symlink: nothing is written through a symlinked parent.
+pub(crate) fn prepare_parent(root: &Path, rel: &str) -> Result<()> {
+    let mut dir = root.to_path_buf();
+    let mut components: Vec<&str> = rel.split('/').collect();
+    components.pop();
+    for component in components {
+        dir.push(component);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::UnsafePath {
+                    path: rel.to_string(),
+                    reason: "a parent is a symlink or not a directory",
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(&dir, e)),
+            },
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::UnsafePath {
+        path: path.display().to_string(),
+        reason: "contains NUL",
+    })
+}
+
+/// Renames `from` to `to` unless something is at `to`; `false` if something is.
+fn rename_no_replace(from: &Path, to: &Path) -> Result<bool> {
+    let (c_from, c_to) = (c_path(from)?, c_path(to)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c_from.as_ptr(),
+            libc::AT_FDCWD,
+            c_to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EEXIST) => Ok(false),
+        // File systems without RENAME_NOREPLACE: check, then rename.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Ok(false);
+            }
+            fs::rename(from, to).map_err(|e| Error::io(to, e))?;
+            Ok(true)
+        }
+        _ => Err(Error::io(to, e)),
+    }
+}
+
+fn set_mode(abs: &Path, mode: u32) -> Result<()> {
+    // Only permission bits travel: a peer cannot make a file setuid here.
+    fs::set_permissions(abs, fs::Permissions::from_mode(mode & 0o777))
+        .map_err(|e| Error::io(abs, e))
+}
+
+/// Sets the mtime of `path` itself (a symlink's own, not its target's).
+fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
+    let c = c_path(path)?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
+        },
+    ];
+    // SAFETY: a valid NUL-terminated path and a two-element timespec array.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn mtime_of(meta: &fs::Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+fn clear_dir(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(dir, e)),
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}

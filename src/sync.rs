@@ -1,0 +1,331 @@
+//! `latus sync A B`: two folders on this machine synced both ways, each with its
+//! own history, through the same engine a network peer uses: scan, exchange the
+//! histories since the last sequence seen, plan each side, apply.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::diff::{self, ConflictCopy, Plan};
+use crate::error::{Error, Result};
+use crate::folder::Folder;
+use crate::history::{Entry, HistoryStore, Kind};
+use crate::merge::{self, MergeOptions, MergeReport};
+use crate::peer::{FolderPeer, Peer};
+use crate::scan::{self, ScanOptions};
+use crate::trash;
+
+/// History entries per exchange request.
+const EXCHANGE_BATCH: usize = 10_000;
+
+pub struct SyncOptions {
+    /// Plan only: print what would be done, change no file.
+    pub dry_run: bool,
+    pub allow_mass_delete: bool,
+    /// A plan deleting more than this share of a folder's files stops the sync…
+    pub mass_delete_percent: u32,
+    /// …when the folder holds at least this many files.
+    pub mass_delete_min_files: usize,
+    pub trash_keep_days: u32,
+    /// Rounds of scan + plan + apply before giving up on convergence (a file that
+    /// keeps changing).
+    pub max_rounds: usize,
+    pub scan: ScanOptions,
+    pub merge: MergeOptions,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            dry_run: false,
+            allow_mass_delete: false,
+            mass_delete_percent: 50,
+            mass_delete_min_files: 10,
+            trash_keep_days: 30,
+            max_rounds: 5,
+            scan: ScanOptions::default(),
+            merge: MergeOptions::default(),
+        }
+    }
+}
+
+/// One planned action, for `--dry-run` and `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedAction {
+    /// The root the action changes.
+    pub root: PathBuf,
+    pub op: &'static str,
+    pub path: String,
+    pub line: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SideReport {
+    pub root: PathBuf,
+    pub applied: usize,
+    pub bytes_local: u64,
+    pub bytes_fetched: u64,
+    pub files_hashed: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub a: SideReport,
+    pub b: SideReport,
+    pub rounds: usize,
+    /// The plan (dry run) or what was applied.
+    pub actions: Vec<PlannedAction>,
+    pub conflicts: Vec<ConflictCopy>,
+    /// Both roots hold the same paths with the same content, mtimes and modes.
+    pub identical: bool,
+    /// The first paths that still differ when not identical.
+    pub differences: Vec<String>,
+    pub warnings: Vec<String>,
+    pub interrupted: bool,
+}
+
+/// Syncs the folders at `a` and `b` both ways.
+pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
+    let (folder_a, folder_b) = open_pair(a, b)?;
+    let _locks = (folder_a.lock()?, folder_b.lock()?);
+    let mut store_a = HistoryStore::open(&folder_a.history_path())?;
+    let mut store_b = HistoryStore::open(&folder_b.history_path())?;
+    if !options.dry_run {
+        for folder in [&folder_a, &folder_b] {
+            let purged = trash::purge(folder, options.trash_keep_days)?;
+            if purged > 0 {
+                tracing::info!(
+                    "{}: removed {purged} trash batches older than {} days",
+                    folder.root().display(),
+                    options.trash_keep_days
+                );
+            }
+        }
+    }
+    let mut report = SyncReport {
+        a: SideReport {
+            root: folder_a.root().to_path_buf(),
+            ..SideReport::default()
+        },
+        b: SideReport {
+            root: folder_b.root().to_path_buf(),
+            ..SideReport::default()
+        },
+        ..SyncReport::default()
+    };
+
+    let mut rescan = true;
+    while report.rounds < options.max_rounds {
+        report.rounds += 1;
+        if rescan {
+            let (scanned_a, scanned_b) = std::thread::scope(|s| {
+                let a = s.spawn(|| scan_folder(&folder_a, &mut store_a, &options.scan));
+                let b = scan_folder(&folder_b, &mut store_b, &options.scan);
+                let a = a
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::ScanAborted("the scan panicked".into())));
+                (a, b)
+            });
+            let (scanned_a, scanned_b) = (scanned_a?, scanned_b?);
+            report.a.files_hashed += scanned_a.files_hashed;
+            report.b.files_hashed += scanned_b.files_hashed;
+            report.warnings.extend(scanned_a.warnings);
+            report.warnings.extend(scanned_b.warnings);
+        }
+        let peer_a = FolderPeer::open(&folder_a)?;
+        let peer_b = FolderPeer::open(&folder_b)?;
+        exchange(&mut store_a, &peer_b)?;
+        exchange(&mut store_b, &peer_a)?;
+        let plan_a = diff::plan(&store_a, &peer_b.id())?;
+        let plan_b = diff::plan(&store_b, &peer_a.id())?;
+        report.warnings.extend(plan_a.warnings.iter().cloned());
+        report.warnings.extend(plan_b.warnings.iter().cloned());
+        if plan_a.is_empty() && plan_b.is_empty() {
+            break;
+        }
+        if !options.allow_mass_delete {
+            check_mass_delete(&folder_a, &store_a, &plan_a, options)?;
+            check_mass_delete(&folder_b, &store_b, &plan_b, options)?;
+        }
+        if options.dry_run {
+            report.actions.extend(planned(folder_a.root(), &plan_a));
+            report.actions.extend(planned(folder_b.root(), &plan_b));
+            report.conflicts.extend(plan_a.conflicts());
+            report.conflicts.extend(plan_b.conflicts());
+            return Ok(report);
+        }
+        report.actions.extend(planned(folder_a.root(), &plan_a));
+        report.actions.extend(planned(folder_b.root(), &plan_b));
+        let merged_a = merge::apply(&folder_a, &mut store_a, &peer_b, plan_a, &options.merge)?;
+        if merged_a.interrupted {
+            report.interrupted = true;
+            return Ok(report);
+        }
+        let merged_b = merge::apply(&folder_b, &mut store_b, &peer_a, plan_b, &options.merge)?;
+        report.interrupted = merged_b.interrupted;
+        rescan = !merged_a.deferred.is_empty() || !merged_b.deferred.is_empty();
+        report.absorb(true, merged_a);
+        report.absorb(false, merged_b);
+        if report.interrupted {
+            return Ok(report);
+        }
+    }
+
+    let peer_a = FolderPeer::open(&folder_a)?;
+    let peer_b = FolderPeer::open(&folder_b)?;
+    exchange(&mut store_a, &peer_b)?;
+    exchange(&mut store_b, &peer_a)?;
+    report.differences = differences(&store_a, &store_b)?;
+    report.identical = report.differences.is_empty();
+    Ok(report)
+}
+
+impl SyncReport {
+    fn absorb(&mut self, side_a: bool, merged: MergeReport) {
+        let side = if side_a { &mut self.a } else { &mut self.b };
+        side.applied += merged.applied;
+        side.bytes_local += merged.bytes_local;
+        side.bytes_fetched += merged.bytes_fetched;
+        self.conflicts.extend(merged.conflicts);
+        self.warnings.extend(merged.warnings);
+    }
+}
+
+fn scan_folder(
+    folder: &Folder,
+    store: &mut HistoryStore,
+    options: &ScanOptions,
+) -> Result<scan::ScanSummary> {
+    let replica = store.replica_id()?;
+    scan::scan(folder, store, replica, options)
+}
+
+/// Receives the peer's history entries after the last one received.
+pub fn exchange(store: &mut HistoryStore, peer: &FolderPeer) -> Result<()> {
+    let id = peer.id();
+    let root = peer.root().to_str();
+    let mut last = store.remote_state(&id)?.map_or(0, |(seq, _)| seq);
+    loop {
+        let batch = peer.changes_since(last, EXCHANGE_BATCH)?;
+        if let Some(entry) = batch.last() {
+            last = entry.seq;
+        }
+        store.store_remote(&id, &batch, last, root)?;
+        if batch.len() < EXCHANGE_BATCH {
+            return Ok(());
+        }
+    }
+}
+
+/// Opens both roots. A root without `.latus/` becomes a Latus folder, unless the
+/// other side has synced with a folder at that path before: then it is an
+/// unmounted drive (or a wiped folder), and reading it as "everything was
+/// deleted" would delete everything on the other side.
+fn open_pair(a: &Path, b: &Path) -> Result<(Folder, Folder)> {
+    let root_a = prepare_root(a, b)?;
+    let root_b = prepare_root(b, a)?;
+    if root_a.starts_with(&root_b) || root_b.starts_with(&root_a) {
+        return Err(Error::UnsafePath {
+            path: format!("{} and {}", root_a.display(), root_b.display()),
+            reason: "one root is inside the other",
+        });
+    }
+    Ok((
+        Folder::open_or_create(&root_a)?,
+        Folder::open_or_create(&root_b)?,
+    ))
+}
+
+/// `root` canonicalised, created if missing (its parent must exist), and checked
+/// against `other`'s memory of it.
+fn prepare_root(root: &Path, other: &Path) -> Result<PathBuf> {
+    let marker_missing = match Folder::open(root) {
+        Ok(folder) => return Ok(folder.root().to_path_buf()),
+        Err(Error::NotAFolder(_)) => true,
+        Err(Error::NotFound(_)) => false,
+        Err(e) => return Err(e),
+    };
+    let absolute = std::path::absolute(root).map_err(|e| Error::io(root, e))?;
+    if let Ok(other) = Folder::open(other)
+        && let Ok(store) = HistoryStore::open_read_only(&other.history_path())
+    {
+        let canonical = absolute.canonicalize().unwrap_or_else(|_| absolute.clone());
+        if store.knows_root(&canonical.to_string_lossy())? {
+            return Err(Error::MissingMarker(absolute));
+        }
+    }
+    if !marker_missing {
+        std::fs::create_dir(&absolute).map_err(|e| Error::io(&absolute, e))?;
+    }
+    absolute.canonicalize().map_err(|e| Error::io(&absolute, e))
+}
+
+fn check_mass_delete(
+    folder: &Folder,
+    store: &HistoryStore,
+    plan: &Plan,
+    options: &SyncOptions,
+) -> Result<()> {
+    let deletes = plan.deletions();
+    if deletes == 0 {
+        return Ok(());
+    }
+    let files = store
+        .latest_existing()?
+        .iter()
+        .filter(|e| e.kind != Kind::Dir)
+        .count();
+    if files >= options.mass_delete_min_files
+        && deletes * 100 > files * options.mass_delete_percent as usize
+    {
+        return Err(Error::MassDelete {
+            root: folder.root().to_path_buf(),
+            deletes,
+            files,
+            percent: options.mass_delete_percent,
+        });
+    }
+    Ok(())
+}
+
+fn planned(root: &Path, plan: &Plan) -> Vec<PlannedAction> {
+    plan.actions
+        .iter()
+        .map(|a| PlannedAction {
+            root: root.to_path_buf(),
+            op: a.op_name(),
+            path: a.path().to_string(),
+            line: a.describe(),
+        })
+        .collect()
+}
+
+/// What a sync makes equal on both sides: the kind, content, and the metadata it
+/// sets (mtime of files and symlinks, mode of files and directories).
+fn synced_state(e: &Entry) -> (Kind, u64, i64, u32, Option<crate::content::Hash>) {
+    let mtime = if e.kind == Kind::Dir { 0 } else { e.mtime_ns };
+    let mode = if e.kind == Kind::Symlink { 0 } else { e.mode };
+    (e.kind, e.size, mtime, mode, e.hash)
+}
+
+/// Paths whose current state differs between the two histories (at most 20).
+fn differences(a: &HistoryStore, b: &HistoryStore) -> Result<Vec<String>> {
+    let state = |store: &HistoryStore| -> Result<BTreeMap<String, _>> {
+        Ok(store
+            .latest_existing()?
+            .into_iter()
+            .map(|e| (e.path.clone(), synced_state(&e)))
+            .collect())
+    };
+    let (a, b) = (state(a)?, state(b)?);
+    let mut differ: Vec<String> = a
+        .iter()
+        .filter(|(path, s)| b.get(*path) != Some(s))
+        .map(|(path, _)| path.clone())
+        .chain(b.keys().filter(|p| !a.contains_key(*p)).cloned())
+        .collect();
+    differ.sort();
+    differ.truncate(20);
+    Ok(differ)
+}
