@@ -222,6 +222,9 @@ fn print_sync(report: &SyncReport, dry_run: bool) {
             indicatif::HumanBytes(side.bytes_fetched),
         );
     }
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
     for conflict in &report.conflicts {
         println!(
             "conflict: {} (the other version is kept as {})",

@@ -172,8 +172,8 @@ pub enum Op {
     Symlink,
     /// The content is already here: set mtime and mode, record the version.
     SetMeta,
-    /// Rename my version, which lost a conflict, to `copy_path`; the winner is
-    /// placed at the path by the next action.
+    /// Rename my version (the target), which lost a conflict, to `copy_path`; the
+    /// winner is placed at the path by a later action.
     ConflictCopy { copy_path: String },
 }
 
@@ -307,10 +307,8 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
         .collect();
     for loser in losers {
         let copy_path = free_name(&conflict_name(&loser.path, &loser), &mut taken_names);
-        let mut target = loser.clone();
-        target.path = copy_path.clone();
         plan.actions.push(Action {
-            target,
+            target: loser.clone(),
             current: Some(loser),
             op: Op::ConflictCopy { copy_path },
         });

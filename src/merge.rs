@@ -168,10 +168,15 @@ impl Merger<'_> {
                 if !disk_matches(&abs, Some(current))? {
                     return Ok(false);
                 }
-                if !rename_no_replace(&abs, &self.root.join(copy_path))? {
+                let copy_abs = self.root.join(copy_path);
+                if !rename_no_replace(&abs, &copy_abs)? {
                     return Ok(false);
                 }
-                self.record(&action.target, &self.root.join(copy_path))?;
+                let copy = Entry {
+                    path: copy_path.clone(),
+                    ..action.target.clone()
+                };
+                self.record(&copy, &copy_abs)?;
                 self.report.conflicts.push(ConflictCopy {
                     path: rel.to_string(),
                     copy_path: copy_path.clone(),

@@ -101,3 +101,54 @@ pub fn recorded_state(
         .map(|(path, e)| (path, (e.kind, e.hash)))
         .collect()
 }
+
+/// What a sync must make equal: path → (kind, content or link target, mtime of
+/// files and symlinks, mode of files and dirs). `.latus` is left out.
+pub type Tree = BTreeMap<String, (Kind, Vec<u8>, i64, u32)>;
+
+pub fn tree(root: &Path) -> Tree {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for item in fs::read_dir(&dir).unwrap() {
+            let path = item.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            if rel == ".latus" {
+                continue;
+            }
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            let mode = meta.mode() & 0o7777;
+            let value = if meta.is_dir() {
+                stack.push(path);
+                (Kind::Dir, Vec::new(), 0, mode)
+            } else if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                (Kind::Symlink, target.to_str().unwrap().as_bytes().to_vec(), mtime, 0)
+            } else {
+                (Kind::File, fs::read(&path).unwrap(), mtime, mode)
+            };
+            out.insert(rel, value);
+        }
+    }
+    out
+}
+
+/// The files of a tree: path → content.
+pub fn files(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    tree(root)
+        .into_iter()
+        .filter(|(_, v)| v.0 == Kind::File)
+        .map(|(p, v)| (p, v.1))
+        .collect()
+}
+
+/// Every file content kept in a folder's trash.
+pub fn trashed(root: &Path) -> Vec<Vec<u8>> {
+    let dir = root.join(".latus/trash");
+    if !dir.exists() {
+        return Vec::new();
+    }
+    files(&dir).into_values().collect()
+}

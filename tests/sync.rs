@@ -1,0 +1,412 @@
+//! Scenario tests of the reconciliation engine through `latus::sync::sync`: two
+//! real folders, real files, each with its own history.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::PathBuf;
+
+use common::{bytes, files, trashed, tree, write};
+use latus::diff;
+use latus::folder::Folder;
+use latus::history::{HistoryStore, Kind};
+use latus::merge::{self, MergeOptions};
+use latus::peer::{FolderPeer, Peer};
+use latus::sync::{SyncOptions, SyncReport, exchange, sync};
+use latus::{Error, scan};
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        Pair { _dir: dir, a, b }
+    }
+
+    fn sync(&self) -> SyncReport {
+        self.sync_with(&SyncOptions::default()).unwrap()
+    }
+
+    fn sync_with(&self, options: &SyncOptions) -> latus::Result<SyncReport> {
+        sync(&self.a, &self.b, options)
+    }
+
+    /// Syncs and checks the outcome every sync must have: identical trees.
+    fn converge(&self) -> SyncReport {
+        let report = self.sync();
+        assert!(report.identical, "{:?}", report.differences);
+        assert_eq!(tree(&self.a), tree(&self.b));
+        report
+    }
+}
+
+#[test]
+fn a_first_sync_copies_one_sided_files_and_keeps_both_sides_of_a_difference() {
+    let p = Pair::new();
+    write(&p.a, "only-a/x.txt", b"from a");
+    write(&p.b, "only-b.txt", b"from b");
+    let shared = bytes(300_000, 1);
+    write(&p.a, "same.bin", &shared);
+    write(&p.b, "same.bin", &shared);
+    write(&p.a, "differs.txt", b"version a");
+    write(&p.b, "differs.txt", b"version b");
+
+    let report = p.converge();
+    // Identical content is not transferred: only the one-sided files and the
+    // losing version of the difference travel.
+    let moved = report.a.bytes_fetched + report.b.bytes_fetched;
+    assert!(moved < 100, "{moved} bytes read from the other side");
+    assert_eq!(report.conflicts.len(), 1, "{:?}", report.conflicts);
+    let conflict = &report.conflicts[0];
+    assert_eq!(conflict.path, "differs.txt");
+    assert!(
+        conflict.copy_path.starts_with("differs.sync-conflict-") && conflict.copy_path.ends_with(".txt"),
+        "{}",
+        conflict.copy_path
+    );
+    let on_a = files(&p.a);
+    let kept: Vec<&[u8]> = vec![&on_a["differs.txt"], &on_a[&conflict.copy_path]];
+    assert!(kept.contains(&&b"version a"[..]) && kept.contains(&&b"version b"[..]));
+    assert_eq!(on_a["only-b.txt"], b"from b");
+    assert_eq!(files(&p.b)["only-a/x.txt"], b"from a");
+
+    // A second sync has nothing to do and creates no more conflict copies.
+    let again = p.converge();
+    assert!(again.actions.is_empty(), "{:?}", again.actions);
+    assert!(again.conflicts.is_empty());
+}
+
+#[test]
+fn concurrent_edits_give_one_conflict_copy_with_the_same_name_on_both_sides() {
+    let p = Pair::new();
+    write(&p.a, "report.txt", b"base");
+    p.converge();
+    write(&p.a, "report.txt", b"edited on a");
+    write(&p.b, "report.txt", b"edited on b, longer");
+    let report = p.converge();
+    assert_eq!(report.conflicts.len(), 1);
+    let names: Vec<String> = files(&p.a).into_keys().collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names, files(&p.b).into_keys().collect::<Vec<_>>());
+    let contents: Vec<Vec<u8>> = files(&p.a).into_values().collect();
+    assert!(contents.contains(&b"edited on a".to_vec()));
+    assert!(contents.contains(&b"edited on b, longer".to_vec()));
+}
+
+#[test]
+fn an_edit_wins_over_a_deletion_and_comes_back() {
+    let p = Pair::new();
+    write(&p.a, "keep.txt", b"v1");
+    write(&p.a, "other.txt", b"x");
+    p.converge();
+    fs::remove_file(p.a.join("keep.txt")).unwrap();
+    write(&p.b, "keep.txt", b"v2, edited");
+    let report = p.converge();
+    assert!(report.conflicts.is_empty());
+    assert_eq!(files(&p.a)["keep.txt"], b"v2, edited");
+}
+
+#[test]
+fn a_rename_and_an_edit_of_its_source_both_survive() {
+    let p = Pair::new();
+    write(&p.a, "old.txt", b"original");
+    p.converge();
+    fs::rename(p.a.join("old.txt"), p.a.join("new.txt")).unwrap();
+    write(&p.b, "old.txt", b"edited meanwhile");
+    p.converge();
+    let on_b = files(&p.b);
+    assert_eq!(on_b["new.txt"], b"original");
+    assert_eq!(on_b["old.txt"], b"edited meanwhile");
+}
+
+#[test]
+fn a_renamed_directory_of_2000_files_is_moved_without_reading_content() {
+    let p = Pair::new();
+    for i in 0..2000 {
+        write(&p.a, &format!("photos/{i:04}.jpg"), &bytes(100 + i % 700, i as u64));
+    }
+    p.converge();
+    fs::rename(p.a.join("photos"), p.a.join("pictures")).unwrap();
+    let report = p.converge();
+    assert_eq!(report.b.bytes_fetched, 0, "content was read from the other side");
+    assert_eq!(report.b.bytes_local, 0, "content was copied instead of moved");
+    let moves = report.actions.iter().filter(|a| a.op == "move").count();
+    assert_eq!(moves, 2000);
+    assert_eq!(files(&p.b).len(), 2000);
+}
+
+#[test]
+fn identical_changes_on_both_sides_are_no_conflict() {
+    let p = Pair::new();
+    write(&p.a, "f.txt", b"base");
+    p.converge();
+    write(&p.a, "f.txt", b"same new content");
+    write(&p.b, "f.txt", b"same new content");
+    write(&p.a, "new.txt", b"created twice");
+    write(&p.b, "new.txt", b"created twice");
+    let report = p.converge();
+    assert!(report.conflicts.is_empty(), "{:?}", report.conflicts);
+    assert_eq!(report.a.bytes_fetched + report.b.bytes_fetched, 0);
+}
+
+#[test]
+fn type_changes_travel_both_ways() {
+    let p = Pair::new();
+    write(&p.a, "was-file", b"file");
+    write(&p.a, "was-dir/inner.txt", b"inner");
+    write(&p.a, "was-link-target", b"t");
+    symlink("was-link-target", p.a.join("was-link")).unwrap();
+    p.converge();
+
+    fs::remove_file(p.a.join("was-file")).unwrap();
+    write(&p.a, "was-file/now-inside.txt", b"now a dir");
+    fs::remove_dir_all(p.a.join("was-dir")).unwrap();
+    write(&p.a, "was-dir", b"now a file");
+    fs::remove_file(p.b.join("was-link")).unwrap();
+    write(&p.b, "was-link", b"link became a file");
+    p.converge();
+    let on_b = tree(&p.b);
+    assert_eq!(on_b["was-file"].0, Kind::Dir);
+    assert_eq!(on_b["was-dir"].0, Kind::File);
+    assert_eq!(files(&p.a)["was-link"], b"link became a file");
+    // The replaced versions are in the trash, not lost.
+    assert!(trashed(&p.b).contains(&b"file".to_vec()));
+    assert!(trashed(&p.b).contains(&b"inner".to_vec()));
+}
+
+#[test]
+fn a_file_against_a_directory_keeps_the_directory_and_the_file_as_a_copy() {
+    let p = Pair::new();
+    write(&p.a, "x/inside.txt", b"in a dir");
+    write(&p.b, "x", b"a file");
+    let report = p.converge();
+    assert_eq!(report.conflicts.len(), 1);
+    let on_a = files(&p.a);
+    assert_eq!(on_a["x/inside.txt"], b"in a dir");
+    assert_eq!(on_a[&report.conflicts[0].copy_path], b"a file");
+}
+
+#[test]
+fn metadata_changes_are_synced_without_content() {
+    let p = Pair::new();
+    write(&p.a, "script.sh", b"#!/bin/sh\n");
+    p.converge();
+    fs::set_permissions(p.a.join("script.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    let report = p.converge();
+    assert_eq!(report.b.bytes_fetched, 0);
+    let mode = fs::metadata(p.b.join("script.sh")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+}
+
+#[test]
+fn an_append_reuses_the_chunks_already_here() {
+    let p = Pair::new();
+    let mut content = bytes(4 << 20, 7);
+    write(&p.a, "big.bin", &content);
+    p.converge();
+    content.extend(bytes(1 << 20, 8));
+    write(&p.a, "big.bin", &content);
+    let report = p.converge();
+    // Only the appended MiB and the chunk(s) around the old end travel.
+    assert!(
+        report.b.bytes_fetched < (1 << 20) + 2 * 256 * 1024,
+        "fetched {}",
+        report.b.bytes_fetched
+    );
+    assert!(report.b.bytes_local >= (4 << 20) - 256 * 1024);
+    assert_eq!(files(&p.b)["big.bin"], content);
+    assert!(trashed(&p.b).contains(&content[..4 << 20].to_vec()));
+}
+
+#[test]
+fn a_moved_file_is_renamed_not_copied_and_a_copied_one_is_copied_locally() {
+    let p = Pair::new();
+    write(&p.a, "a.bin", &bytes(1 << 20, 1));
+    write(&p.a, "b.bin", &bytes(1 << 20, 2));
+    p.converge();
+    fs::rename(p.a.join("a.bin"), p.a.join("moved.bin")).unwrap();
+    fs::copy(p.a.join("b.bin"), p.a.join("copy.bin")).unwrap();
+    let report = p.converge();
+    assert_eq!(report.b.bytes_fetched, 0);
+    assert_eq!(report.b.bytes_local, 1 << 20, "only the copy is written");
+    let ops: Vec<&str> = report.actions.iter().map(|a| a.op).collect();
+    assert!(ops.contains(&"move") && ops.contains(&"copy"), "{ops:?}");
+}
+
+#[test]
+fn a_local_edit_not_yet_scanned_is_never_overwritten() {
+    let p = Pair::new();
+    write(&p.a, "doc.txt", b"v1");
+    p.converge();
+    write(&p.a, "doc.txt", b"v2 from a");
+    // Plan B's side by hand, then edit B's file before the plan is applied.
+    let (fa, fb) = (Folder::open(&p.a).unwrap(), Folder::open(&p.b).unwrap());
+    let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
+    let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
+    let replica_a = sa.replica_id().unwrap();
+    scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
+    let peer_a = FolderPeer::open(&fa).unwrap();
+    exchange(&mut sb, &peer_a).unwrap();
+    let plan = diff::plan(&sb, &peer_a.id()).unwrap();
+    assert_eq!(plan.actions.len(), 1);
+    write(&p.b, "doc.txt", b"v2 from b, unscanned");
+    let merged = merge::apply(&fb, &mut sb, &peer_a, plan, &MergeOptions::default()).unwrap();
+    assert_eq!(merged.deferred, vec!["doc.txt".to_string()]);
+    assert_eq!(files(&p.b)["doc.txt"], b"v2 from b, unscanned");
+    drop((sa, sb, peer_a));
+    // The next sync scans it and the rules make it a conflict: both kept.
+    let report = p.converge();
+    assert_eq!(report.conflicts.len(), 1);
+    let contents: Vec<Vec<u8>> = files(&p.a).into_values().collect();
+    assert!(contents.contains(&b"v2 from a".to_vec()));
+    assert!(contents.contains(&b"v2 from b, unscanned".to_vec()));
+}
+
+#[test]
+fn an_interrupted_apply_converges_on_the_next_run() {
+    let p = Pair::new();
+    for i in 0..50 {
+        write(&p.a, &format!("d{}/f{i}", i % 5), &bytes(5000 + i, i as u64));
+    }
+    let options = SyncOptions {
+        merge: MergeOptions {
+            batch_size: 7,
+            interrupt_after: Some(23),
+        },
+        ..SyncOptions::default()
+    };
+    let report = p.sync_with(&options).unwrap();
+    assert!(report.interrupted);
+    // No partial file at any final path: every file on B is one of A's.
+    let on_a = files(&p.a);
+    for (path, content) in files(&p.b) {
+        assert_eq!(on_a.get(&path), Some(&content), "{path}");
+    }
+    p.converge();
+}
+
+#[test]
+fn a_mass_deletion_stops_and_changes_nothing_unless_allowed() {
+    let p = Pair::new();
+    for i in 0..20 {
+        write(&p.a, &format!("f{i}"), b"data");
+    }
+    p.converge();
+    for i in 0..15 {
+        fs::remove_file(p.a.join(format!("f{i}"))).unwrap();
+    }
+    let before = tree(&p.b);
+    let err = p.sync_with(&SyncOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::MassDelete { deletes: 15, files: 20, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--allow-mass-delete"));
+    assert_eq!(tree(&p.b), before);
+    let allowed = SyncOptions {
+        allow_mass_delete: true,
+        ..SyncOptions::default()
+    };
+    assert!(p.sync_with(&allowed).unwrap().identical);
+    assert_eq!(files(&p.b).len(), 5);
+    assert_eq!(trashed(&p.b).len(), 15);
+}
+
+#[test]
+fn a_root_that_lost_its_marker_is_refused_not_read_as_deleted() {
+    let p = Pair::new();
+    write(&p.a, "precious.txt", b"keep me");
+    p.converge();
+    // The drive is unmounted: its mount point is an empty directory.
+    fs::remove_dir_all(&p.b).unwrap();
+    fs::create_dir(&p.b).unwrap();
+    let err = p.sync_with(&SyncOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::MissingMarker(_)), "{err}");
+    assert_eq!(files(&p.a)["precious.txt"], b"keep me");
+    assert!(fs::read_dir(&p.b).unwrap().next().is_none(), "nothing written to B");
+}
+
+#[test]
+fn nothing_is_written_through_a_symlinked_directory() {
+    let p = Pair::new();
+    let outside = p._dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    write(&p.a, "d/f.txt", b"must stay inside");
+    symlink(&outside, p.b.join("d")).unwrap();
+    let report = p.converge();
+    assert!(fs::read_dir(&outside).unwrap().next().is_none(), "wrote outside the root");
+    // The directory keeps the name; B's symlink is kept as a conflict copy.
+    assert_eq!(tree(&p.b)["d"].0, Kind::Dir);
+    assert_eq!(report.conflicts.len(), 1);
+}
+
+#[test]
+fn paths_from_a_peer_that_escape_the_root_are_refused() {
+    let p = Pair::new();
+    write(&p.a, "ok.txt", b"fine");
+    p.converge();
+    let fb = Folder::open(&p.b).unwrap();
+    let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
+    let fa = Folder::open(&p.a).unwrap();
+    let peer = FolderPeer::open(&fa).unwrap();
+    let mut evil = common::current(&HistoryStore::open(&fa.history_path()).unwrap())
+        .remove("ok.txt")
+        .unwrap();
+    for (seq, path) in [(1000, "../escaped.txt"), (1001, "/etc/evil"), (1002, ".latus/history.db")] {
+        evil.seq = seq;
+        evil.path = path.to_string();
+        sb.store_remote(&peer.id(), std::slice::from_ref(&evil), seq, None)
+            .unwrap();
+    }
+    let plan = diff::plan(&sb, &peer.id()).unwrap();
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.warnings.len(), 3, "{:?}", plan.warnings);
+    assert!(!p._dir.path().join("escaped.txt").exists());
+}
+
+#[test]
+fn a_replaced_version_can_be_restored_from_the_trash() {
+    let p = Pair::new();
+    write(&p.a, "notes.txt", b"old notes");
+    p.converge();
+    write(&p.a, "notes.txt", b"new notes");
+    p.converge();
+    let fb = Folder::open(&p.b).unwrap();
+    let items = latus::trash::list(&fb).unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].path, "notes.txt");
+    latus::trash::restore(&fb, "notes.txt", None).unwrap();
+    assert_eq!(files(&p.b)["notes.txt"], b"old notes");
+    // The restored version is a new change and reaches A; nothing is lost.
+    p.converge();
+    assert_eq!(files(&p.a)["notes.txt"], b"old notes");
+    assert!(trashed(&p.a).contains(&b"new notes".to_vec()) || trashed(&p.b).contains(&b"new notes".to_vec()));
+}
+
+#[test]
+fn old_trash_is_purged_by_policy() {
+    let p = Pair::new();
+    write(&p.a, "x", b"1");
+    p.converge();
+    write(&p.a, "x", b"2");
+    p.converge();
+    let trash_dir = p.b.join(".latus/trash");
+    let batch = fs::read_dir(&trash_dir).unwrap().next().unwrap().unwrap().path();
+    // A batch named as if trashed 31 days ago.
+    let old_ns = (std::time::SystemTime::now() - std::time::Duration::from_secs(31 * 86_400))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    fs::rename(&batch, trash_dir.join(old_ns.to_string())).unwrap();
+    p.converge();
+    assert!(fs::read_dir(&trash_dir).unwrap().next().is_none());
+}
+
