@@ -210,7 +210,10 @@ fn print_sync(report: &SyncReport, dry_run: bool) {
         for action in &report.actions {
             println!("{}: {}", label(&action.root), action.line);
         }
-        println!("{} actions planned; nothing was changed", report.actions.len());
+        println!(
+            "{} actions planned; nothing was changed",
+            report.actions.len()
+        );
         return;
     }
     for side in [&report.a, &report.b] {
@@ -289,7 +292,6 @@ fn init(home: &Home, json: bool) -> Result<()> {
     }
     Ok(())
 }
-
 
 fn scan_folder(
     home: &Home,

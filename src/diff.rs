@@ -160,11 +160,13 @@ pub enum Op {
     Delete,
     /// Rename my file `source`, which the peer deleted in the same change, to the path.
     Move {
-        source: Entry,
-        source_deletion: Entry,
+        source: Box<Entry>,
+        source_deletion: Box<Entry>,
     },
     /// Copy my file `source`, which has the new content.
-    Copy { source: Entry },
+    Copy {
+        source: Box<Entry>,
+    },
     /// Build the file from chunks: those I hold anywhere are copied locally, the
     /// rest are read from the peer.
     Replace,
@@ -174,7 +176,9 @@ pub enum Op {
     SetMeta,
     /// Rename my version (the target), which lost a conflict, to `copy_path`; the
     /// winner is placed at the path by a later action.
-    ConflictCopy { copy_path: String },
+    ConflictCopy {
+        copy_path: String,
+    },
 }
 
 impl Action {
@@ -252,7 +256,8 @@ impl Plan {
         self.actions
             .iter()
             .filter(|a| {
-                matches!(a.op, Op::Delete) && a.current.as_ref().is_some_and(|c| c.kind != Kind::Dir)
+                matches!(a.op, Op::Delete)
+                    && a.current.as_ref().is_some_and(|c| c.kind != Kind::Dir)
             })
             .count()
     }
@@ -362,12 +367,12 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
                     (Some((source, source_deletion)), _) => {
                         moved_away.insert(source.path.clone());
                         Op::Move {
-                            source,
-                            source_deletion,
+                            source: Box::new(source),
+                            source_deletion: Box::new(source_deletion),
                         }
                     }
                     (None, Some(source)) if source.path != theirs.path => Op::Copy {
-                        source: (*source).clone(),
+                        source: Box::new((*source).clone()),
                     },
                     _ => Op::Replace,
                 }
@@ -406,7 +411,6 @@ fn phase(action: &Action) -> (u8, i64) {
         Op::Replace | Op::Symlink | Op::SetMeta => (4, 0),
     }
 }
-
 
 /// `dir/name.sync-conflict-YYYYMMDD-HHMMSS-<short author id>.ext`, from the losing
 /// version alone, so every device names the same conflict the same way.

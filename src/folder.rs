@@ -123,8 +123,16 @@ mod tests {
     #[test]
     fn relative_paths_that_could_escape_are_refused() {
         for bad in [
-            "", "/etc/passwd", "a/../../x", "..", "a//b", "./a", "a/", ".latus/history.db",
-            "x/.latus/y", "nul\0byte",
+            "",
+            "/etc/passwd",
+            "a/../../x",
+            "..",
+            "a//b",
+            "./a",
+            "a/",
+            ".latus/history.db",
+            "x/.latus/y",
+            "nul\0byte",
         ] {
             assert!(
                 matches!(check_relative(bad), Err(Error::UnsafePath { .. })),

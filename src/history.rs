@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
 /// Never edit a released step: append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE entries (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         path TEXT NOT NULL,
@@ -49,7 +50,8 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (content, idx)
     ) WITHOUT ROWID;
     CREATE INDEX content_chunks_by_chunk ON content_chunks(chunk);
-"#, r#"
+"#,
+    r#"
     -- Facts about this replica of the folder (its replica id).
     CREATE TABLE meta (
         key TEXT PRIMARY KEY,
@@ -81,7 +83,8 @@ const MIGRATIONS: &[&str] = &[r#"
         last_seq INTEGER NOT NULL,
         root TEXT
     ) WITHOUT ROWID;
-"#];
+"#,
+];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 

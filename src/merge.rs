@@ -90,8 +90,7 @@ pub fn apply(
         pending_chunks: Vec::new(),
         tmp_counter: 0,
     };
-    let mut done = 0;
-    for action in &plan.actions {
+    for (done, action) in plan.actions.iter().enumerate() {
         if options.interrupt_after.is_some_and(|n| done >= n) {
             merger.report.interrupted = true;
             return Ok(merger.report);
@@ -105,11 +104,13 @@ pub fn apply(
             }
             Err(e) => {
                 tracing::warn!("{}: {e}", action.describe());
-                merger.report.warnings.push(format!("{}: {e}", action.describe()));
+                merger
+                    .report
+                    .warnings
+                    .push(format!("{}: {e}", action.describe()));
                 merger.report.deferred.push(action.path().to_string());
             }
         }
-        done += 1;
         if merger.records.len() >= options.batch_size {
             merger.commit()?;
         }
@@ -261,20 +262,28 @@ impl Merger<'_> {
                 Ok(true)
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                // Ignored or not yet synced content keeps the directory; a new
-                // version of it brings it back on the other side.
-                let mut kept = current.clone();
-                kept.author_peerid = self.replica;
-                kept.author_utime_ns = now_ns();
-                self.record(&kept, abs)?;
-                self.report.warnings.push(format!(
-                    "{}: kept, it holds content that is not synced",
-                    action.path()
-                ));
+                self.keep_dir(current, abs)?;
                 Ok(true)
             }
             Err(e) => Err(Error::io(abs, e)),
         }
+    }
+
+    /// A directory the peer removed still holds content that is not synced (or is
+    /// ignored): it stays, as a new version of its own, which brings it back on
+    /// the other side.
+    fn keep_dir(&mut self, current: &Entry, abs: &Path) -> Result<()> {
+        let kept = Entry {
+            author_peerid: self.replica,
+            author_utime_ns: now_ns(),
+            ..current.clone()
+        };
+        self.record(&kept, abs)?;
+        self.report.warnings.push(format!(
+            "{}: directory kept, it holds content that is not synced",
+            current.path
+        ));
+        Ok(())
     }
 
     /// Builds the target file in a temp file (copied from a local source, else
@@ -325,9 +334,9 @@ impl Merger<'_> {
             Some(Kind::Dir) => match fs::remove_dir(&abs) {
                 Ok(()) => rename_no_replace(from, &abs),
                 Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                    self.report.warnings.push(format!(
-                        "{rel}: not replaced, the directory holds content that is not synced"
-                    ));
+                    if let Some(current) = &action.current {
+                        self.keep_dir(current, &abs)?;
+                    }
                     Ok(false)
                 }
                 Err(e) => Err(Error::io(&abs, e)),
@@ -383,7 +392,10 @@ impl Merger<'_> {
     /// else from the peer. `false` if some chunk is not available.
     fn build_from_chunks(&mut self, target: &Entry, temp: &Path) -> Result<bool> {
         let Some(content) = target.hash else {
-            return Err(Error::Peer(format!("{}: a file without a hash", target.path)));
+            return Err(Error::Peer(format!(
+                "{}: a file without a hash",
+                target.path
+            )));
         };
         let mut chunks = if target.size == 0 {
             Vec::new()
@@ -501,7 +513,8 @@ impl Merger<'_> {
 
     fn temp_path(&mut self) -> PathBuf {
         self.tmp_counter += 1;
-        self.tmp.join(format!("{}-{}", std::process::id(), self.tmp_counter))
+        self.tmp
+            .join(format!("{}-{}", std::process::id(), self.tmp_counter))
     }
 
     fn create_temp(&self, temp: &Path) -> Result<File> {

@@ -68,7 +68,8 @@ fn a_first_sync_copies_one_sided_files_and_keeps_both_sides_of_a_difference() {
     let conflict = &report.conflicts[0];
     assert_eq!(conflict.path, "differs.txt");
     assert!(
-        conflict.copy_path.starts_with("differs.sync-conflict-") && conflict.copy_path.ends_with(".txt"),
+        conflict.copy_path.starts_with("differs.sync-conflict-")
+            && conflict.copy_path.ends_with(".txt"),
         "{}",
         conflict.copy_path
     );
@@ -131,13 +132,23 @@ fn a_rename_and_an_edit_of_its_source_both_survive() {
 fn a_renamed_directory_of_2000_files_is_moved_without_reading_content() {
     let p = Pair::new();
     for i in 0..2000 {
-        write(&p.a, &format!("photos/{i:04}.jpg"), &bytes(100 + i % 700, i as u64));
+        write(
+            &p.a,
+            &format!("photos/{i:04}.jpg"),
+            &bytes(100 + i % 700, i as u64),
+        );
     }
     p.converge();
     fs::rename(p.a.join("photos"), p.a.join("pictures")).unwrap();
     let report = p.converge();
-    assert_eq!(report.b.bytes_fetched, 0, "content was read from the other side");
-    assert_eq!(report.b.bytes_local, 0, "content was copied instead of moved");
+    assert_eq!(
+        report.b.bytes_fetched, 0,
+        "content was read from the other side"
+    );
+    assert_eq!(
+        report.b.bytes_local, 0,
+        "content was copied instead of moved"
+    );
     let moves = report.actions.iter().filter(|a| a.op == "move").count();
     assert_eq!(moves, 2000);
     assert_eq!(files(&p.b).len(), 2000);
@@ -202,7 +213,10 @@ fn metadata_changes_are_synced_without_content() {
     fs::set_permissions(p.a.join("script.sh"), fs::Permissions::from_mode(0o755)).unwrap();
     let report = p.converge();
     assert_eq!(report.b.bytes_fetched, 0);
-    let mode = fs::metadata(p.b.join("script.sh")).unwrap().permissions().mode();
+    let mode = fs::metadata(p.b.join("script.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o755);
 }
 
@@ -274,7 +288,11 @@ fn a_local_edit_not_yet_scanned_is_never_overwritten() {
 fn an_interrupted_apply_converges_on_the_next_run() {
     let p = Pair::new();
     for i in 0..50 {
-        write(&p.a, &format!("d{}/f{i}", i % 5), &bytes(5000 + i, i as u64));
+        write(
+            &p.a,
+            &format!("d{}/f{i}", i % 5),
+            &bytes(5000 + i, i as u64),
+        );
     }
     let options = SyncOptions {
         merge: MergeOptions {
@@ -306,7 +324,14 @@ fn a_mass_deletion_stops_and_changes_nothing_unless_allowed() {
     let before = tree(&p.b);
     let err = p.sync_with(&SyncOptions::default()).unwrap_err();
     assert!(
-        matches!(err, Error::MassDelete { deletes: 15, files: 20, .. }),
+        matches!(
+            err,
+            Error::MassDelete {
+                deletes: 15,
+                files: 20,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("--allow-mass-delete"));
@@ -331,7 +356,10 @@ fn a_root_that_lost_its_marker_is_refused_not_read_as_deleted() {
     let err = p.sync_with(&SyncOptions::default()).unwrap_err();
     assert!(matches!(err, Error::MissingMarker(_)), "{err}");
     assert_eq!(files(&p.a)["precious.txt"], b"keep me");
-    assert!(fs::read_dir(&p.b).unwrap().next().is_none(), "nothing written to B");
+    assert!(
+        fs::read_dir(&p.b).unwrap().next().is_none(),
+        "nothing written to B"
+    );
 }
 
 #[test]
@@ -342,7 +370,10 @@ fn nothing_is_written_through_a_symlinked_directory() {
     write(&p.a, "d/f.txt", b"must stay inside");
     symlink(&outside, p.b.join("d")).unwrap();
     let report = p.converge();
-    assert!(fs::read_dir(&outside).unwrap().next().is_none(), "wrote outside the root");
+    assert!(
+        fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote outside the root"
+    );
     // The directory keeps the name; B's symlink is kept as a conflict copy.
     assert_eq!(tree(&p.b)["d"].0, Kind::Dir);
     assert_eq!(report.conflicts.len(), 1);
@@ -360,7 +391,11 @@ fn paths_from_a_peer_that_escape_the_root_are_refused() {
     let mut evil = common::current(&HistoryStore::open(&fa.history_path()).unwrap())
         .remove("ok.txt")
         .unwrap();
-    for (seq, path) in [(1000, "../escaped.txt"), (1001, "/etc/evil"), (1002, ".latus/history.db")] {
+    for (seq, path) in [
+        (1000, "../escaped.txt"),
+        (1001, "/etc/evil"),
+        (1002, ".latus/history.db"),
+    ] {
         evil.seq = seq;
         evil.path = path.to_string();
         sb.store_remote(&peer.id(), std::slice::from_ref(&evil), seq, None)
@@ -388,7 +423,10 @@ fn a_replaced_version_can_be_restored_from_the_trash() {
     // The restored version is a new change and reaches A; nothing is lost.
     p.converge();
     assert_eq!(files(&p.a)["notes.txt"], b"old notes");
-    assert!(trashed(&p.a).contains(&b"new notes".to_vec()) || trashed(&p.b).contains(&b"new notes".to_vec()));
+    assert!(
+        trashed(&p.a).contains(&b"new notes".to_vec())
+            || trashed(&p.b).contains(&b"new notes".to_vec())
+    );
 }
 
 #[test]
@@ -399,7 +437,12 @@ fn old_trash_is_purged_by_policy() {
     write(&p.a, "x", b"2");
     p.converge();
     let trash_dir = p.b.join(".latus/trash");
-    let batch = fs::read_dir(&trash_dir).unwrap().next().unwrap().unwrap().path();
+    let batch = fs::read_dir(&trash_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     // A batch named as if trashed 31 days ago.
     let old_ns = (std::time::SystemTime::now() - std::time::Duration::from_secs(31 * 86_400))
         .duration_since(std::time::UNIX_EPOCH)
@@ -409,4 +452,3 @@ fn old_trash_is_purged_by_policy() {
     p.converge();
     assert!(fs::read_dir(&trash_dir).unwrap().next().is_none());
 }
-

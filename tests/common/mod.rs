@@ -113,7 +113,12 @@ pub fn tree(root: &Path) -> Tree {
     while let Some(dir) = stack.pop() {
         for item in fs::read_dir(&dir).unwrap() {
             let path = item.unwrap().path();
-            let rel = path.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
             if rel == ".latus" {
                 continue;
             }
@@ -125,7 +130,12 @@ pub fn tree(root: &Path) -> Tree {
                 (Kind::Dir, Vec::new(), 0, mode)
             } else if meta.file_type().is_symlink() {
                 let target = fs::read_link(&path).unwrap();
-                (Kind::Symlink, target.to_str().unwrap().as_bytes().to_vec(), mtime, 0)
+                (
+                    Kind::Symlink,
+                    target.to_str().unwrap().as_bytes().to_vec(),
+                    mtime,
+                    0,
+                )
             } else {
                 (Kind::File, fs::read(&path).unwrap(), mtime, mode)
             };
