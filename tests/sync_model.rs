@@ -133,9 +133,11 @@ impl Case {
             .iter()
             .flat_map(|r| contents(r).into_iter().chain(trashed(r)))
             .collect();
-        for lost in before.difference(&after) {
-            panic!("lost {:?}", String::from_utf8_lossy(lost));
-        }
+        let lost: Vec<_> = before
+            .difference(&after)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        assert!(lost.is_empty(), "versions lost: {lost:?}");
         if interrupt_after.is_none() {
             assert!(
                 report.identical,
