@@ -116,11 +116,20 @@ pub fn decide(mine: &[Entry], theirs: &[Entry]) -> Verdict {
     let seen_by = |history: &[Entry], version: &VersionId| {
         history.iter().any(|e| VersionId::of(e) == *version)
     };
-    if seen_by(theirs, &my) {
-        return Verdict::TakeTheirs;
-    }
-    if seen_by(mine, &their) {
-        return Verdict::KeepMine;
+    match (seen_by(theirs, &my), seen_by(mine, &their)) {
+        (true, false) => return Verdict::TakeTheirs,
+        (false, true) => return Verdict::KeepMine,
+        // Each side once held the other's current version: one of them took an
+        // old version back through a third replica. Both versions were seen and
+        // superseded somewhere, so no conflict: the later author wins on both sides.
+        (true, true) => {
+            return if my.wins_over(&their) {
+                Verdict::KeepMine
+            } else {
+                Verdict::TakeTheirs
+            };
+        }
+        (false, false) => {}
     }
     // Independent changes. An edit beats a deletion (nothing is lost; the edit is
     // re-propagated), and equal content is no conflict: the winner's metadata is
