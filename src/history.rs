@@ -578,10 +578,11 @@ impl HistoryStore {
     }
 
     /// Every version of `path` in `peer`'s history as received, newest first.
+    /// (Left to itself, SQLite walks the primary key for the ORDER BY: a full scan.)
     pub fn remote_history(&self, peer: &PeerId, path: &str) -> Result<Vec<Entry>> {
         let sql = format!(
-            "SELECT {REMOTE_COLUMNS} FROM remote_entries WHERE peer = ?1 AND path = ?2 \
-             ORDER BY seq DESC"
+            "SELECT {REMOTE_COLUMNS} FROM remote_entries INDEXED BY remote_entries_by_path \
+             WHERE peer = ?1 AND path = ?2 ORDER BY seq DESC"
         );
         self.query_entries(&sql, params![&peer.0[..], path])
     }

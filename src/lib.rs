@@ -21,3 +21,10 @@ pub mod throttle;
 pub mod trash;
 
 pub use error::{Error, Result};
+
+/// The wall clock in Unix nanoseconds (author and record times).
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}

@@ -15,7 +15,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -25,7 +24,8 @@ use crate::diff::{Action, ConflictCopy, Op, Plan};
 use crate::error::{Error, Result};
 use crate::folder::{Folder, check_relative};
 use crate::history::{Entry, HistoryStore, Kind, Record};
-use crate::peer::{Peer, read_verified};
+use crate::now_ns;
+use crate::peer::{Peer, is_gone, read_verified};
 use crate::trash::Trash;
 
 const TMP_DIR: &str = "tmp";
@@ -670,10 +670,6 @@ fn mtime_of(meta: &fs::Metadata) -> i64 {
     meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
-fn is_gone(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
-}
-
 fn clear_dir(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Ok(()) => {}
@@ -681,10 +677,4 @@ fn clear_dir(dir: &Path) -> Result<()> {
         Err(e) => return Err(Error::io(dir, e)),
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }

@@ -116,7 +116,9 @@ pub(crate) fn read_verified(
     Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes))
 }
 
-fn is_gone(e: &std::io::Error) -> bool {
+/// The path is not there (or a parent is not a directory, or it is a symlink
+/// opened with O_NOFOLLOW).
+pub(crate) fn is_gone(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)

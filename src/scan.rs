@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ScopedJoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ignore::WalkBuilder;
@@ -24,6 +24,7 @@ use crate::device::PeerId;
 use crate::error::{Error, Result};
 use crate::folder::{Folder, IGNORE_FILE, MARKER_DIR};
 use crate::history::{Entry, HistoryStore, Kind, Record};
+use crate::now_ns;
 use crate::throttle::Throttle;
 
 /// A file is read at most this many times while it keeps changing under the reader.
@@ -215,12 +216,6 @@ impl Shared<'_> {
             utime_ns: now_ns,
         }
     }
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// Scans `folder` into `store`, recording versions as authored by `device`.

@@ -6,12 +6,12 @@ use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::folder::{Folder, check_relative};
+use crate::now_ns;
 
 const TRASH_DIR: &str = "trash";
 const NS_PER_DAY: i64 = 86_400 * 1_000_000_000;
@@ -89,12 +89,6 @@ impl Trash {
 
 fn trash_dir(folder: &Folder) -> PathBuf {
     folder.marker_dir().join(TRASH_DIR)
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// The trash batches, oldest first: (time, directory).

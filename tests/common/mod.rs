@@ -57,39 +57,13 @@ pub fn current(store: &HistoryStore) -> BTreeMap<String, Entry> {
 /// Every file, dir and symlink under `root` (except `.latus`), as the history
 /// should record them: path → (kind, hash of content or link target).
 pub fn disk_state(root: &Path) -> BTreeMap<String, (Kind, Option<latus::content::Hash>)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for item in fs::read_dir(&dir).unwrap() {
-            let item = item.unwrap();
-            let path = item.path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_string();
-            if rel == ".latus" {
-                continue;
-            }
-            let meta = fs::symlink_metadata(&path).unwrap();
-            let value = if meta.is_dir() {
-                stack.push(path);
-                (Kind::Dir, None)
-            } else if meta.file_type().is_symlink() {
-                let target = fs::read_link(&path).unwrap();
-                let target = target.to_str().unwrap().as_bytes().to_vec();
-                (Kind::Symlink, Some(latus::content::Hash::of(&target)))
-            } else {
-                (
-                    Kind::File,
-                    Some(latus::content::Hash::of(&fs::read(&path).unwrap())),
-                )
-            };
-            out.insert(rel, value);
-        }
-    }
-    out
+    tree(root)
+        .into_iter()
+        .map(|(path, (kind, bytes, _, _))| {
+            let hash = (kind != Kind::Dir).then(|| latus::content::Hash::of(&bytes));
+            (path, (kind, hash))
+        })
+        .collect()
 }
 
 /// What the history says is current, in the shape of [`disk_state`].
