@@ -126,8 +126,9 @@ fn scan_and_log_report_what_is_on_disk() {
         lines[0]["hash"].as_str().unwrap(),
         latus::content::Hash::of(b"second, longer").to_hex()
     );
-    let device: Value = serde_json::from_slice(&setup.run(&["init", "--json"]).stdout).unwrap();
-    assert_eq!(lines[0]["author_peerid"], device["peer_id"]);
+    // The author is this folder's replica id (each folder is a replica of its own).
+    let replica = setup.store().replica_id().unwrap().to_string();
+    assert_eq!(lines[0]["author_peerid"], replica.as_str());
 
     // The same file named by its absolute path, in text form.
     let abs = setup.root().join("docs/a.txt");
