@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use latus::device::Home;
+use latus::device_sync;
 use latus::folder::Folder;
 use latus::history::{Entry, HistoryStore, Kind};
 use latus::scan::{self, ScanObserver, ScanOptions, ScanSummary};
@@ -74,6 +75,14 @@ enum Command {
     Sync {
         a: PathBuf,
         b: PathBuf,
+        /// B is a dumb device (a music player, a USB stick; FAT semantics): it is
+        /// never hashed, only compared by size and mtime with what Latus wrote there.
+        #[arg(long)]
+        device: bool,
+        /// With --device: B mirrors A; changes made on B are not brought back
+        /// (what they replaced or removed goes to B's .latus/trash/).
+        #[arg(long, requires = "device")]
+        one_way: bool,
         /// Print the plan (one line per action) and change no file.
         #[arg(long)]
         dry_run: bool,
@@ -148,6 +157,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Sync {
             a,
             b,
+            device,
+            one_way,
             dry_run,
             json,
             allow_mass_delete,
@@ -170,16 +181,38 @@ pub fn run(args: Args) -> Result<ExitCode> {
             if let Some(days) = config.sync.trash_keep_days {
                 options.trash_keep_days = days;
             }
-            return sync_folders(&a, &b, &options, json);
+            let target = match (device, one_way) {
+                (false, _) => Target::Folder,
+                (true, false) => Target::Device,
+                (true, true) => Target::DeviceOneWay,
+            };
+            return sync_folders(&a, &b, target, &options, json);
         }
         Command::Trash { command } => trash_command(command),
     }?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn sync_folders(a: &Path, b: &Path, options: &SyncOptions, json: bool) -> Result<ExitCode> {
-    let report = local_sync::sync(a, b, options)
-        .with_context(|| format!("syncing {} and {}", a.display(), b.display()))?;
+/// What `latus sync A B` treats B as.
+enum Target {
+    Folder,
+    Device,
+    DeviceOneWay,
+}
+
+fn sync_folders(
+    a: &Path,
+    b: &Path,
+    target: Target,
+    options: &SyncOptions,
+    json: bool,
+) -> Result<ExitCode> {
+    let report = match target {
+        Target::Folder => local_sync::sync(a, b, options),
+        Target::Device => device_sync::sync_device(a, b, options, false),
+        Target::DeviceOneWay => device_sync::sync_device(a, b, options, true),
+    }
+    .with_context(|| format!("syncing {} and {}", a.display(), b.display()))?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

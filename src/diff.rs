@@ -396,9 +396,13 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
     // A moved file's deletion is part of the move.
     plan.actions
         .retain(|a| !(matches!(a.op, Op::Delete) && moved_away.contains(a.path())));
-    plan.actions
-        .sort_by(|a, b| phase(a).cmp(&phase(b)).then_with(|| a.path().cmp(b.path())));
+    sort_actions(&mut plan.actions);
     Ok(plan)
+}
+
+/// Puts actions in the order the merger must run them (see [`phase`]).
+pub(crate) fn sort_actions(actions: &mut [Action]) {
+    actions.sort_by(|a, b| phase(a).cmp(&phase(b)).then_with(|| a.path().cmp(b.path())));
 }
 
 /// The order that keeps every step possible: conflict copies out of the way,

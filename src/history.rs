@@ -84,6 +84,25 @@ const MIGRATIONS: &[&str] = &[
         root TEXT
     ) WITHOUT ROWID;
 "#,
+    r#"
+    -- Device mode: what Latus last wrote to (or found in sync on) each dumb device,
+    -- by case-folded path. The device is never hashed: a file there is unchanged
+    -- while its size and mtime are still the ones recorded here.
+    CREATE TABLE device_files (
+        device BLOB NOT NULL,
+        key TEXT NOT NULL,
+        path TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        hash BLOB,
+        PRIMARY KEY (device, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE devices (
+        device BLOB PRIMARY KEY,
+        root TEXT NOT NULL
+    ) WITHOUT ROWID;
+"#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -159,6 +178,22 @@ pub struct Entry {
     pub author_utime_ns: i64,
     /// When this device recorded the entry.
     pub utime_ns: i64,
+}
+
+/// What Latus knows a dumb device holds at one path (device mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// The case-folded path: the device's names are case-insensitive.
+    pub key: String,
+    /// The path as written on the device.
+    pub path: String,
+    /// `File` or `Dir`.
+    pub kind: Kind,
+    pub size: u64,
+    /// The mtime the device reported after the write (its own granularity).
+    pub mtime_ns: i64,
+    /// The content written there (files).
+    pub hash: Option<Hash>,
 }
 
 /// A write to the history, applied in batches.
@@ -585,6 +620,88 @@ impl HistoryStore {
              WHERE peer = ?1 AND path = ?2 ORDER BY seq DESC"
         );
         self.query_entries(&sql, params![&peer.0[..], path])
+    }
+
+    /// What was recorded of the dumb device `device`.
+    pub fn device_records(&self, device: &PeerId) -> Result<Vec<DeviceRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT key, path, kind, size, mtime_ns, hash FROM device_files WHERE device = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([&device.0[..]], |row| {
+                let kind: i64 = row.get(2)?;
+                let hash: Option<Vec<u8>> = row.get(5)?;
+                Ok(DeviceRecord {
+                    key: row.get(0)?,
+                    path: row.get(1)?,
+                    kind: Kind::from_code(kind).ok_or_else(|| bad_column(2, "kind"))?,
+                    size: row.get::<_, i64>(3)? as u64,
+                    mtime_ns: row.get(4)?,
+                    hash: match hash {
+                        Some(bytes) => {
+                            Some(Hash::from_slice(&bytes).ok_or_else(|| bad_column(5, "hash"))?)
+                        }
+                        None => None,
+                    },
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Updates what is recorded of `device` (at `root`) in one transaction.
+    pub fn update_device_records(
+        &mut self,
+        device: &PeerId,
+        root: &str,
+        upserts: &[DeviceRecord],
+        removed_keys: &[String],
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| classify(&path, e))?;
+        let updated = (|| {
+            tx.execute(
+                "INSERT OR REPLACE INTO devices (device, root) VALUES (?1, ?2)",
+                params![&device.0[..], root],
+            )?;
+            let mut remove =
+                tx.prepare_cached("DELETE FROM device_files WHERE device = ?1 AND key = ?2")?;
+            for key in removed_keys {
+                remove.execute(params![&device.0[..], key])?;
+            }
+            let mut upsert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO device_files (device, key, path, kind, size, mtime_ns, \
+                 hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for r in upserts {
+                upsert.execute(params![
+                    &device.0[..],
+                    r.key,
+                    r.path,
+                    r.kind.code(),
+                    r.size as i64,
+                    r.mtime_ns,
+                    r.hash.as_ref().map(|h| &h.0[..]),
+                ])?;
+            }
+            Ok(())
+        })();
+        updated
+            .and_then(|()| tx.commit())
+            .map_err(|e| classify(&path, e))
+    }
+
+    /// Whether a dumb device was ever synced at `root`.
+    pub fn knows_device_root(&self, root: &str) -> Result<bool> {
+        self.conn
+            .query_row("SELECT 1 FROM devices WHERE root = ?1", [root], |_| Ok(()))
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(|e| self.err(e))
     }
 
     /// Number of distinct chunks listed for multi-chunk contents.

@@ -3,12 +3,14 @@
 //! Modules follow the data flow of `DESIGN.md`:
 //! disk → [`scan`] → [`history`] (SQLite) → history exchange with a [`peer`] →
 //! [`diff`] (decide and plan) → [`merge`] (apply, old versions to the [`trash`]).
-//! [`sync`] runs that loop between two local folders (`latus sync A B`).
+//! [`sync`] runs that loop between two local folders (`latus sync A B`);
+//! [`device_sync`] syncs a folder with a dumb device (`latus sync --device`).
 //! [`content`] cuts and hashes file content, [`folder`] owns a synced root and its
 //! `.latus/` directory, [`device`] owns the per-device state (`$LATUS_HOME`).
 
 pub mod content;
 pub mod device;
+pub mod device_sync;
 pub mod diff;
 pub mod error;
 pub mod folder;

@@ -366,21 +366,8 @@ impl Merger<'_> {
             return Ok(false);
         }
         let mut output = self.create_temp(temp)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buffer = vec![0; COPY_BUFFER];
-        let mut copied = 0u64;
-        loop {
-            let n = input.read(&mut buffer).map_err(|e| Error::io(&from, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-            output
-                .write_all(&buffer[..n])
-                .map_err(|e| Error::io(temp, e))?;
-            copied += n as u64;
-        }
-        if copied != target.size || Some(Hash(*hasher.finalize().as_bytes())) != target.hash {
+        let (copied, hash) = copy_hashing(&mut input, &from, &mut output, temp)?;
+        if copied != target.size || Some(hash) != target.hash {
             return Ok(false);
         }
         self.report.bytes_local += copied;
@@ -527,6 +514,30 @@ impl Merger<'_> {
     }
 }
 
+/// Copies `input` to its end into `output`; returns the bytes copied and their hash.
+pub(crate) fn copy_hashing(
+    input: &mut File,
+    from: &Path,
+    output: &mut File,
+    to: &Path,
+) -> Result<(u64, Hash)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0; COPY_BUFFER];
+    let mut copied = 0u64;
+    loop {
+        let n = input.read(&mut buffer).map_err(|e| Error::io(from, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        output
+            .write_all(&buffer[..n])
+            .map_err(|e| Error::io(to, e))?;
+        copied += n as u64;
+    }
+    Ok((copied, Hash(*hasher.finalize().as_bytes())))
+}
+
 /// Sets the finished temp file's mode and mtime (after the last write).
 fn finish_file(file: File, temp: &Path, target: &Entry) -> Result<()> {
     file.set_permissions(fs::Permissions::from_mode(target.mode & 0o777))
@@ -602,7 +613,7 @@ fn c_path(path: &Path) -> Result<CString> {
 }
 
 /// Renames `from` to `to` unless something is at `to`; `false` if something is.
-fn rename_no_replace(from: &Path, to: &Path) -> Result<bool> {
+pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> Result<bool> {
     let (c_from, c_to) = (c_path(from)?, c_path(to)?);
     // SAFETY: both are valid NUL-terminated paths that outlive the call.
     let rc = unsafe {
@@ -639,7 +650,7 @@ fn set_mode(abs: &Path, mode: u32) -> Result<()> {
 }
 
 /// Sets the mtime of `path` itself (a symlink's own, not its target's).
-fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
+pub(crate) fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
     let c = c_path(path)?;
     let times = [
         libc::timespec {
@@ -666,11 +677,11 @@ fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
     Ok(())
 }
 
-fn mtime_of(meta: &fs::Metadata) -> i64 {
+pub(crate) fn mtime_of(meta: &fs::Metadata) -> i64 {
     meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
-fn clear_dir(dir: &Path) -> Result<()> {
+pub(crate) fn clear_dir(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}

@@ -297,7 +297,7 @@ fn load_current(history: &Path) -> Result<HashMap<String, Entry>> {
 }
 
 /// `/`-separated path relative to the root; `None` if not valid UTF-8.
-fn relative(root: &Path, path: &Path) -> Option<String> {
+pub(crate) fn relative(root: &Path, path: &Path) -> Option<String> {
     let rel = path.strip_prefix(root).ok()?;
     let mut out = String::new();
     for part in rel.components() {
@@ -307,6 +307,36 @@ fn relative(root: &Path, path: &Path) -> Option<String> {
         out.push_str(part.as_os_str().to_str()?);
     }
     Some(out)
+}
+
+/// A walk of a folder's tree as every part of Latus sees it: `.latus/` left out,
+/// `.latusignore` rules honoured, symlinks not followed, and names that are not
+/// UTF-8 refused (reported through `on_bad_name`) rather than mangled: a lossy
+/// name would be a different file on peers.
+pub(crate) fn folder_walker(
+    root: &Path,
+    on_bad_name: impl Fn(&str) + Send + Sync + 'static,
+) -> ignore::Walk {
+    let shown_root = root.to_path_buf();
+    WalkBuilder::new(root)
+        .standard_filters(false)
+        .add_custom_ignore_filename(IGNORE_FILE)
+        .follow_links(false)
+        .filter_entry(move |entry| {
+            if entry.file_name() == MARKER_DIR {
+                return false;
+            }
+            if entry.depth() > 0 && entry.file_name().to_str().is_none() {
+                let shown = entry
+                    .path()
+                    .strip_prefix(&shown_root)
+                    .unwrap_or(entry.path());
+                on_bad_name(&shown.to_string_lossy());
+                return false;
+            }
+            true
+        })
+        .build()
 }
 
 /// One entry found by the walk, stat'ed.
@@ -327,27 +357,12 @@ fn walk(
     summary: &mut ScanSummary,
 ) -> Result<HashMap<String, Entry>> {
     let warnings = Arc::clone(&shared.warnings);
-    let root = shared.root.to_path_buf();
-    let walker = WalkBuilder::new(shared.root)
-        .standard_filters(false)
-        .add_custom_ignore_filename(IGNORE_FILE)
-        .follow_links(false)
-        .filter_entry(move |entry| {
-            if entry.file_name() == MARKER_DIR {
-                return false;
-            }
-            // Refused rather than mangled: a lossy name would be a different file on peers.
-            if entry.depth() > 0 && entry.file_name().to_str().is_none() {
-                let shown = entry.path().strip_prefix(&root).unwrap_or(entry.path());
-                warnings.add(
-                    &shown.to_string_lossy(),
-                    "name is not valid UTF-8; not recorded (rename it to sync it)",
-                );
-                return false;
-            }
-            true
-        })
-        .build();
+    let walker = folder_walker(shared.root, move |shown| {
+        warnings.add(
+            shown,
+            "name is not valid UTF-8; not recorded (rename it to sync it)",
+        );
+    });
 
     let join_known = |known: ScopedJoinHandle<'_, Result<HashMap<String, Entry>>>| {
         known
@@ -495,7 +510,7 @@ fn record_walked(
     changes.send((change, record)).map_err(|_| aborted())
 }
 
-fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, String) {
+pub(crate) fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, String) {
     match err {
         ignore::Error::WithPath { path, err } => {
             let rel = relative(root, path).unwrap_or_else(|| path.to_string_lossy().into_owned());
