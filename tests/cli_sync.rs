@@ -244,3 +244,78 @@ fn a_sync_killed_while_applying_converges_on_the_next_run() {
             .is_none()
     );
 }
+
+/// A directory to sync in device mode: under `LATUS_TEST_DEVICE_DIR` when set (a
+/// mounted FAT or exFAT file system: CI mounts one through FUSE when it can), else
+/// in the test's temp dir.
+fn device_dir(s: &Setup) -> PathBuf {
+    let dev = match std::env::var_os("LATUS_TEST_DEVICE_DIR") {
+        Some(mount) => {
+            let unique = s.dir.path().file_name().unwrap().to_owned();
+            Path::new(&mount).join(unique)
+        }
+        None => s.dir.path().join("device"),
+    };
+    fs::create_dir_all(&dev).unwrap();
+    dev
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".latus")
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn case_only_rename_in_device_mode() {
+    let s = Setup::new();
+    let dev = device_dir(&s);
+    let sync_device = |extra: &[&str]| -> Value {
+        let out = s
+            .command()
+            .args(["sync", "--device", "--json"])
+            .args(extra)
+            .args([&s.a, &dev])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let song = bytes(2_000_000, 9);
+    write(&s.a, "Music/Song.mp3", &song);
+    write(&s.a, "Music/Other.mp3", b"other");
+    let first = sync_device(&[]);
+    assert_eq!(first["identical"], true);
+    assert_eq!(first["b"]["bytes_fetched"], 2_000_005);
+    assert_eq!(names(&dev.join("Music")), ["Other.mp3", "Song.mp3"]);
+
+    fs::rename(s.a.join("Music/Song.mp3"), s.a.join("Music/song.mp3")).unwrap();
+    let renamed = sync_device(&[]);
+    assert_eq!(renamed["identical"], true);
+    assert_eq!(renamed["b"]["bytes_fetched"], 0, "{renamed}");
+    assert_eq!(renamed["b"]["bytes_local"], 0, "{renamed}");
+    assert_eq!(names(&dev.join("Music")), ["Other.mp3", "song.mp3"]);
+    assert_eq!(fs::read(dev.join("Music/song.mp3")).unwrap(), song);
+
+    // A file deleted on the device comes back with --one-way, and is deleted on
+    // the source without it.
+    fs::remove_file(dev.join("Music/Other.mp3")).unwrap();
+    sync_device(&["--one-way"]);
+    assert_eq!(fs::read(dev.join("Music/Other.mp3")).unwrap(), b"other");
+    fs::remove_file(dev.join("Music/Other.mp3")).unwrap();
+    sync_device(&[]);
+    assert_eq!(names(&s.a.join("Music")), ["song.mp3"]);
+    fs::remove_dir_all(&dev).unwrap();
+}
+
+#[test]
+fn one_way_needs_device_mode() {
+    let s = Setup::new();
+    let out = s.sync(&["--one-way"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("--device"), "{:?}", text(&out));
+}
