@@ -15,6 +15,9 @@ pub const HISTORY_DB: &str = "history.db";
 /// Ignore rules in gitignore syntax, honoured in every directory.
 pub const IGNORE_FILE: &str = ".latusignore";
 const LOCK_FILE: &str = "lock";
+/// Name prefix of the temp files the merger builds beside their final path. Never
+/// synced; a walk made under the folder lock removes them (a killed run's leftovers).
+pub const TEMP_PREFIX: &str = ".latus-tmp-";
 
 #[derive(Debug, Clone)]
 pub struct Folder {

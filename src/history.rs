@@ -250,6 +250,7 @@ impl HistoryStore {
             .conn
             .busy_timeout(Duration::from_secs(3))
             .map_err(|e| store.err(e))?;
+        store.conn.set_prepared_statement_cache_capacity(64);
         let version = store.schema_version()?;
         if version > SCHEMA_VERSION {
             return Err(store.newer_schema(version));
@@ -274,6 +275,9 @@ impl HistoryStore {
     }
 
     fn configure(&self) -> Result<()> {
+        // The default of 16 is fewer than the queries a sync cycles through: each
+        // eviction means parsing that SQL again.
+        self.conn.set_prepared_statement_cache_capacity(64);
         // Waiting a little covers a reader checkpointing; longer means another writer.
         self.conn
             .busy_timeout(Duration::from_secs(3))

@@ -1,9 +1,10 @@
 //! The merger: applies a [`Plan`] to the folder's disk and records what it did.
 //!
 //! Unison's invariant holds at every moment: each path holds either its old
-//! content or its new one. New files are built in `.latus/tmp/`, verified against
-//! their hash, and renamed into place; the version they replace is kept in the
-//! trash (a hard link taken just before the rename). Right before touching a path
+//! content or its new one. New files are built in a temp file beside their path
+//! (`.latus-tmp-*`), verified against their hash, and renamed into place; the
+//! version they replace is kept in the trash (a hard link taken just before the
+//! rename). Right before touching a path
 //! its current state is compared with what the last scan recorded: a local change
 //! the scan has not seen yet is never overwritten; the action waits for the next
 //! round, after a rescan, and the rules decide again.
@@ -22,13 +23,12 @@ use crate::content::{ChunkInfo, Hash};
 use crate::device::PeerId;
 use crate::diff::{Action, ConflictCopy, Op, Plan};
 use crate::error::{Error, Result};
-use crate::folder::{Folder, check_relative};
+use crate::folder::{Folder, TEMP_PREFIX, check_relative};
 use crate::history::{Entry, HistoryStore, Kind, Record};
 use crate::now_ns;
 use crate::peer::{Peer, is_gone, read_verified};
 use crate::trash::Trash;
 
-const TMP_DIR: &str = "tmp";
 /// Same rule as the scanner's: a file modified this recently may still change
 /// within the same timestamp tick, so its ctime is not trusted.
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
@@ -75,11 +75,8 @@ pub fn apply(
     plan: Plan,
     options: &MergeOptions,
 ) -> Result<MergeReport> {
-    let tmp = folder.marker_dir().join(TMP_DIR);
-    clear_dir(&tmp)?;
     let mut merger = Merger {
         root: folder.root().to_path_buf(),
-        tmp,
         replica: store.replica_id()?,
         store,
         peer,
@@ -89,6 +86,7 @@ pub fn apply(
         local_chunks: None,
         pending_chunks: Vec::new(),
         tmp_counter: 0,
+        ready_dirs: HashSet::new(),
     };
     for (done, action) in plan.actions.iter().enumerate() {
         if options.interrupt_after.is_some_and(|n| done >= n) {
@@ -130,7 +128,6 @@ fn is_fatal(e: &Error) -> bool {
 
 struct Merger<'a> {
     root: PathBuf,
-    tmp: PathBuf,
     replica: PeerId,
     store: &'a mut HistoryStore,
     peer: &'a dyn Peer,
@@ -143,6 +140,8 @@ struct Merger<'a> {
     /// The chunk list of the file just built, recorded with its entry.
     pending_chunks: Vec<ChunkInfo>,
     tmp_counter: u64,
+    /// Parents checked (real directories, not symlinks) in this run.
+    ready_dirs: HashSet<String>,
 }
 
 impl Merger<'_> {
@@ -165,7 +164,7 @@ impl Merger<'_> {
                 let Some(current) = &action.current else {
                     return Ok(false);
                 };
-                prepare_parent(&self.root, copy_path)?;
+                self.prepare_parent(copy_path)?;
                 if !disk_matches(&abs, Some(current))? {
                     return Ok(false);
                 }
@@ -186,7 +185,7 @@ impl Merger<'_> {
             }
             Op::Delete => self.delete(action, &abs),
             Op::MakeDir => {
-                prepare_parent(&self.root, rel)?;
+                self.prepare_parent(rel)?;
                 match fs::symlink_metadata(&abs) {
                     // A directory made here meanwhile is the same directory.
                     Ok(meta) if meta.is_dir() => {}
@@ -214,7 +213,7 @@ impl Merger<'_> {
             }
             Op::Symlink => {
                 let target = action.target.link_target.as_deref().unwrap_or_default();
-                let temp = self.temp_path();
+                let temp = self.temp_path(action.path())?;
                 symlink(target, &temp).map_err(|e| Error::io(&temp, e))?;
                 set_mtime(&temp, action.target.mtime_ns)?;
                 self.place(action, &temp)
@@ -228,7 +227,7 @@ impl Merger<'_> {
                 if !disk_matches(&from, Some(source))? {
                     return self.build_and_place(action);
                 }
-                prepare_parent(&self.root, rel)?;
+                self.prepare_parent(rel)?;
                 if !disk_matches(&abs, action.current.as_ref())? {
                     return Ok(false);
                 }
@@ -256,7 +255,7 @@ impl Merger<'_> {
             self.record(&action.target, abs)?;
             return Ok(true);
         }
-        match fs::remove_dir(abs) {
+        match self.remove_dir(abs) {
             Ok(()) => {
                 self.record(&action.target, abs)?;
                 Ok(true)
@@ -289,7 +288,7 @@ impl Merger<'_> {
     /// Builds the target file in a temp file (copied from a local source, else
     /// from chunks) and renames it into place.
     fn build_and_place(&mut self, action: &Action) -> Result<bool> {
-        let temp = self.temp_path();
+        let temp = self.temp_path(action.path())?;
         let built = match &action.op {
             Op::Copy { source } | Op::Move { source, .. } => {
                 match self.copy_local(source, &action.target, &temp)? {
@@ -311,7 +310,8 @@ impl Merger<'_> {
     fn place(&mut self, action: &Action, temp: &Path) -> Result<bool> {
         let rel = action.path();
         let abs = self.root.join(rel);
-        let placed = prepare_parent(&self.root, rel)
+        let placed = self
+            .prepare_parent(rel)
             .and_then(|()| disk_matches(&abs, action.current.as_ref()))
             .and_then(|matches| match matches {
                 true => self.replace_with(action, temp),
@@ -331,7 +331,7 @@ impl Merger<'_> {
         let abs = self.root.join(rel);
         match action.current.as_ref().map(|c| c.kind) {
             None | Some(Kind::Deleted) => rename_no_replace(from, &abs),
-            Some(Kind::Dir) => match fs::remove_dir(&abs) {
+            Some(Kind::Dir) => match self.remove_dir(&abs) {
                 Ok(()) => rename_no_replace(from, &abs),
                 Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
                     if let Some(current) = &action.current {
@@ -498,10 +498,34 @@ impl Merger<'_> {
         Ok(())
     }
 
-    fn temp_path(&mut self) -> PathBuf {
+    /// A temp file beside `rel` (its parent is made ready first). In the target's
+    /// own directory, as rsync does: ext4 allocates the inode near its directory,
+    /// where a single temp directory makes every new file search the same inode
+    /// group (most of a first sync's time went there). The scan removes leftovers.
+    fn remove_dir(&mut self, abs: &Path) -> std::io::Result<()> {
+        self.ready_dirs.clear();
+        fs::remove_dir(abs)
+    }
+
+    /// [`prepare_parent`], once per directory and run: most files of a sync share
+    /// their parents. Forgotten whenever this run removes a directory.
+    fn prepare_parent(&mut self, rel: &str) -> Result<()> {
+        let parent = rel.rfind('/').map_or("", |i| &rel[..i]);
+        if !self.ready_dirs.contains(parent) {
+            prepare_parent(&self.root, rel)?;
+            self.ready_dirs.insert(parent.to_string());
+        }
+        Ok(())
+    }
+
+    fn temp_path(&mut self, rel: &str) -> Result<PathBuf> {
+        self.prepare_parent(rel)?;
         self.tmp_counter += 1;
-        self.tmp
-            .join(format!("{}-{}", std::process::id(), self.tmp_counter))
+        let name = format!("{TEMP_PREFIX}{}-{}", std::process::id(), self.tmp_counter);
+        Ok(match rel.rfind('/') {
+            Some(i) => self.root.join(&rel[..i]).join(name),
+            None => self.root.join(name),
+        })
     }
 
     fn create_temp(&self, temp: &Path) -> Result<File> {

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::content::{ContentHasher, Hash, HashedContent};
 use crate::device::PeerId;
 use crate::error::{Error, Result};
-use crate::folder::{Folder, IGNORE_FILE, MARKER_DIR};
+use crate::folder::{Folder, IGNORE_FILE, MARKER_DIR, TEMP_PREFIX};
 use crate::history::{Entry, HistoryStore, Kind, Record};
 use crate::now_ns;
 use crate::throttle::Throttle;
@@ -324,6 +324,16 @@ pub(crate) fn folder_walker(
         .follow_links(false)
         .filter_entry(move |entry| {
             if entry.file_name() == MARKER_DIR {
+                return false;
+            }
+            if entry.file_type().is_some_and(|t| t.is_file())
+                && entry
+                    .file_name()
+                    .as_encoded_bytes()
+                    .starts_with(TEMP_PREFIX.as_bytes())
+            {
+                // Every walk runs under the folder lock: no merge is building it.
+                let _ = fs::remove_file(entry.path());
                 return false;
             }
             if entry.depth() > 0 && entry.file_name().to_str().is_none() {

@@ -487,3 +487,16 @@ fn nested_latus_directories_are_never_recorded() {
     );
     drop(fx.dir);
 }
+
+#[test]
+fn a_killed_merge_leaves_temp_files_that_the_next_scan_removes() {
+    let mut fx = Fixture::new();
+    write(fx.root(), "sub/real.txt", b"r");
+    write(fx.root(), "sub/.latus-tmp-4242-7", b"half a file");
+    write(fx.root(), ".latus-tmp-4242-8", b"another");
+    fx.scan();
+    let entries = current(&fx.store);
+    assert_eq!(entries.keys().collect::<Vec<_>>(), ["sub", "sub/real.txt"]);
+    assert!(!fx.root().join("sub/.latus-tmp-4242-7").exists());
+    assert!(!fx.root().join(".latus-tmp-4242-8").exists());
+}
