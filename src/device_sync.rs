@@ -730,16 +730,7 @@ impl Planner {
                 }
             }
             // Removed on the device: removed here too, unless SRC is the master.
-            (Some(s), None) if recorded_dir && !self.one_way => {
-                self.plan.src.push(Action {
-                    target: self.deletion(&s.path),
-                    current: Some(s.clone()),
-                    op: Op::Delete,
-                });
-                self.plan
-                    .after_src
-                    .push((s.path, RecordChange::Forget(key.to_string())));
-            }
+            (Some(s), None) if recorded_dir && !self.one_way => self.delete_on_src(key, s),
             (Some(_), None) => self.plan.dev.push(DevOp::MakeDir {
                 key: key.to_string(),
                 path: target.to_string(),
@@ -833,16 +824,7 @@ impl Planner {
             }
             (Some(s), None) => match &record {
                 // Deleted on the device, unchanged here: deleted here too.
-                Some(r) if r.hash == s.hash && !self.one_way => {
-                    self.plan.src.push(Action {
-                        target: self.deletion(&s.path),
-                        current: Some(s.clone()),
-                        op: Op::Delete,
-                    });
-                    self.plan
-                        .after_src
-                        .push((s.path, RecordChange::Forget(key.to_string())));
-                }
+                Some(r) if r.hash == s.hash && !self.one_way => self.delete_on_src(key, s),
                 // New or changed here (an edit beats a deletion), or SRC is the master.
                 _ => self.write(key, target, s, None),
             },
@@ -910,23 +892,19 @@ impl Planner {
     /// A version authored by the device now, at `path` of SRC (a deletion until
     /// the caller fills it in).
     fn deletion(&self, path: &str) -> Entry {
-        let now = now_ns();
-        Entry {
-            seq: 0,
-            path: path.to_string(),
-            kind: Kind::Deleted,
-            size: 0,
-            mtime_ns: 0,
-            mode: 0,
-            inode: 0,
-            ctime_ns: 0,
-            hash: None,
-            link_target: None,
-            peerid: self.device,
-            author_peerid: self.device,
-            author_utime_ns: now,
-            utime_ns: now,
-        }
+        Entry::authored(path.to_string(), Kind::Deleted, self.device, now_ns())
+    }
+
+    /// Deletes SRC's `current` at `key`: the device deleted it.
+    fn delete_on_src(&mut self, key: &str, current: Entry) {
+        self.plan.src.push(Action {
+            target: self.deletion(&current.path),
+            current: Some(current.clone()),
+            op: Op::Delete,
+        });
+        self.plan
+            .after_src
+            .push((current.path, RecordChange::Forget(key.to_string())));
     }
 
     /// Brings the device file `dev` into SRC at `path` (over `current`).

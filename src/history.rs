@@ -180,6 +180,29 @@ pub struct Entry {
     pub utime_ns: i64,
 }
 
+impl Entry {
+    /// A version of `path` authored and recorded by `author` at `now_ns`, with no
+    /// content or metadata yet (the caller fills in what it observed).
+    pub fn authored(path: String, kind: Kind, author: PeerId, now_ns: i64) -> Self {
+        Entry {
+            seq: 0,
+            path,
+            kind,
+            size: 0,
+            mtime_ns: 0,
+            mode: 0,
+            inode: 0,
+            ctime_ns: 0,
+            hash: None,
+            link_target: None,
+            peerid: author,
+            author_peerid: author,
+            author_utime_ns: now_ns,
+            utime_ns: now_ns,
+        }
+    }
+}
+
 /// What Latus knows a dumb device holds at one path (device mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRecord {

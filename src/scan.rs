@@ -199,22 +199,7 @@ impl Shared<'_> {
     }
 
     fn new_entry(&self, path: String, kind: Kind, now_ns: i64) -> Entry {
-        Entry {
-            seq: 0,
-            path,
-            kind,
-            size: 0,
-            mtime_ns: 0,
-            mode: 0,
-            inode: 0,
-            ctime_ns: 0,
-            hash: None,
-            link_target: None,
-            peerid: self.device,
-            author_peerid: self.device,
-            author_utime_ns: now_ns,
-            utime_ns: now_ns,
-        }
+        Entry::authored(path, kind, self.device, now_ns)
     }
 }
 
