@@ -74,6 +74,7 @@ pub fn sync_device(
     };
     let mut warnings = BTreeSet::new();
     let mut pending = Vec::new();
+    let mut deferred = 0;
     while report.rounds < options.max_rounds {
         report.rounds += 1;
         let replica = store.replica_id()?;
@@ -85,7 +86,8 @@ pub fn sync_device(
         let plan = Planner::new(state, device, one_way).plan()?;
         warnings.extend(plan.warnings.iter().cloned());
         pending = plan.describe(src_folder.root(), dev_folder.root());
-        if pending.is_empty() && plan.deferred == 0 {
+        deferred = plan.deferred;
+        if pending.is_empty() && deferred == 0 {
             break;
         }
         if !options.allow_mass_delete {
@@ -112,7 +114,8 @@ pub fn sync_device(
         }
     }
     report.differences = pending.iter().map(|a| a.path.clone()).take(20).collect();
-    report.identical = pending.is_empty() && !report.interrupted;
+    // A device file that kept changing while read is not known to be in sync.
+    report.identical = pending.is_empty() && deferred == 0 && !report.interrupted;
     report.warnings = warnings.into_iter().collect();
     Ok(report)
 }
