@@ -1181,14 +1181,7 @@ fn apply(
             Ok(false) => {}
             // A full device: stop, keeping the record of what was written.
             Err(e) if is_disk_full(&e) => {
-                let changes = &writer.changes;
-                let root = dev.root().to_string_lossy();
-                store.update_device_records(
-                    &device,
-                    &root,
-                    &upserts(changes),
-                    &removals(changes),
-                )?;
+                save_records(store, &device, dev, writer.changes)?;
                 return Err(e);
             }
             Err(e) => {
@@ -1224,12 +1217,7 @@ fn apply(
         report.interrupted |= merged.interrupted;
     }
     report.conflicts.extend(plan.conflicts);
-    store.update_device_records(
-        &device,
-        &dev.root().to_string_lossy(),
-        &upserts(&changes),
-        &removals(&changes),
-    )
+    save_records(store, &device, dev, changes)
 }
 
 fn is_disk_full(e: &Error) -> bool {
@@ -1240,24 +1228,25 @@ fn is_disk_full(e: &Error) -> bool {
     }
 }
 
-fn upserts(changes: &[RecordChange]) -> Vec<DeviceRecord> {
-    changes
-        .iter()
-        .filter_map(|c| match c {
-            RecordChange::Set(record) => Some(record.clone()),
-            RecordChange::Forget(_) => None,
-        })
-        .collect()
-}
-
-fn removals(changes: &[RecordChange]) -> Vec<String> {
-    changes
-        .iter()
-        .filter_map(|c| match c {
-            RecordChange::Forget(key) => Some(key.clone()),
-            RecordChange::Set(_) => None,
-        })
-        .collect()
+/// Stores what the device now holds; for a key changed twice, the later change counts.
+fn save_records(
+    store: &mut HistoryStore,
+    device: &PeerId,
+    dev: &Folder,
+    changes: Vec<RecordChange>,
+) -> Result<()> {
+    let mut last: HashMap<String, Option<DeviceRecord>> = HashMap::new();
+    for change in changes {
+        match change {
+            RecordChange::Set(record) => last.insert(record.key.clone(), Some(record)),
+            RecordChange::Forget(key) => last.insert(key, None),
+        };
+    }
+    let (set, forget): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, r)| r.is_some());
+    let upserts: Vec<DeviceRecord> = set.into_iter().filter_map(|(_, r)| r).collect();
+    let removals: Vec<String> = forget.into_iter().map(|(key, _)| key).collect();
+    let root = dev.root().to_string_lossy();
+    store.update_device_records(device, &root, &upserts, &removals)
 }
 
 /// Carries out device steps. Before touching a device file it checks the file

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bytes, files, tree, write};
+use common::{bytes, files, names, tree, write};
 use serde_json::Value;
 
 const LATUS: &str = env!("CARGO_BIN_EXE_latus");
@@ -257,16 +257,6 @@ fn device_dir(s: &Setup) -> PathBuf {
     };
     fs::create_dir_all(&dev).unwrap();
     dev
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n != ".latus")
-        .collect();
-    names.sort();
-    names
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use common::{backdate, bytes, files, trashed, tree, write};
+use common::{backdate, bytes, files, names, trashed, tree, write};
 use latus::Error;
 use latus::device_sync::sync_device;
 use latus::history::{HistoryStore, Kind};
@@ -85,17 +85,6 @@ fn device_view(root: &std::path::Path) -> BTreeMap<String, (Option<Vec<u8>>, i64
             _ => None,
         })
         .collect()
-}
-
-/// Names in a directory, exactly as spelled on disk.
-fn names(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n != ".latus")
-        .collect();
-    names.sort();
-    names
 }
 
 fn hex(bytes: &[u8]) -> String {

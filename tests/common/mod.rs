@@ -136,3 +136,14 @@ pub fn trashed(root: &Path) -> Vec<Vec<u8>> {
     }
     files(&dir).into_values().collect()
 }
+
+/// Names in a directory exactly as spelled on disk, sorted (`.latus` left out).
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".latus")
+        .collect();
+    names.sort();
+    names
+}
