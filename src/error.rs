@@ -59,6 +59,8 @@ pub enum Error {
         files: usize,
         percent: u32,
     },
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("peer: {0}")]
     Peer(String),
     #[error("trash of {}: no trashed version of {path:?}", root.display())]

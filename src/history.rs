@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
 use serde::Serialize;
 
@@ -273,7 +274,7 @@ impl HistoryStore {
             .conn
             .busy_timeout(Duration::from_secs(3))
             .map_err(|e| store.err(e))?;
-        store.conn.set_prepared_statement_cache_capacity(64);
+        cache_statements(&store.conn).map_err(|e| store.err(e))?;
         let version = store.schema_version()?;
         if version > SCHEMA_VERSION {
             return Err(store.newer_schema(version));
@@ -298,9 +299,7 @@ impl HistoryStore {
     }
 
     fn configure(&self) -> Result<()> {
-        // The default of 16 is fewer than the queries a sync cycles through: each
-        // eviction means parsing that SQL again.
-        self.conn.set_prepared_statement_cache_capacity(64);
+        cache_statements(&self.conn).map_err(|e| self.err(e))?;
         // Waiting a little covers a reader checkpointing; longer means another writer.
         self.conn
             .busy_timeout(Duration::from_secs(3))
@@ -369,8 +368,8 @@ impl HistoryStore {
             "SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ?1 ORDER BY seq DESC LIMIT 1"
         );
         self.conn
-            .query_row(&sql, [path], entry_from_row)
-            .optional()
+            .prepare_cached(&sql)
+            .and_then(|mut stmt| stmt.query_row([path], entry_from_row).optional())
             .map_err(|e| self.err(e))
     }
 
@@ -442,12 +441,8 @@ impl HistoryStore {
         }
         let size: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT size FROM entries WHERE hash = ?1 AND kind = 0 LIMIT 1",
-                [&content.0[..]],
-                |r| r.get(0),
-            )
-            .optional()
+            .prepare_cached("SELECT size FROM entries WHERE hash = ?1 AND kind = 0 LIMIT 1")
+            .and_then(|mut stmt| stmt.query_row([&content.0[..]], |r| r.get(0)).optional())
             .map_err(|e| self.err(e))?;
         Ok(match size {
             Some(size) if size > 0 => vec![ChunkInfo {
@@ -738,6 +733,18 @@ impl HistoryStore {
             .map(|n| n as u64)
             .map_err(|e| self.err(e))
     }
+}
+
+/// Makes cached statements stay prepared. The default cache of 16 is fewer than
+/// the queries a sync cycles through. And without the query planner stability
+/// guarantee, SQLite marks a statement whose plan might depend on a bound value
+/// (an ORDER BY, a key of a WITHOUT ROWID table) to be prepared again once its
+/// bindings are cleared, which the cache does on every return: most of a first
+/// sync's CPU time went into parsing the same few queries.
+fn cache_statements(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map(drop)
 }
 
 fn write_records(tx: &rusqlite::Transaction<'_>, records: &[Record]) -> rusqlite::Result<Vec<u64>> {

@@ -9,13 +9,14 @@
 //! the scan has not seen yet is never overwritten; the action waits for the next
 //! round, after a rescan, and the rules decide again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -37,6 +38,9 @@ const COPY_BUFFER: usize = 1 << 20;
 pub struct MergeOptions {
     /// History records per transaction.
     pub batch_size: usize,
+    /// Threads building new files ahead of the one placing them; 0 builds each
+    /// file in turn (the order of a run is then fully reproducible).
+    pub build_threads: usize,
     /// Stop after this many actions as if killed: records not yet committed are
     /// dropped (tests of interrupted syncs).
     pub interrupt_after: Option<usize>,
@@ -46,6 +50,7 @@ impl Default for MergeOptions {
     fn default() -> Self {
         MergeOptions {
             batch_size: 1000,
+            build_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             interrupt_after: None,
         }
     }
@@ -67,7 +72,17 @@ pub struct MergeReport {
     pub interrupted: bool,
 }
 
+/// Builds in flight per build thread: enough to keep them busy while the
+/// placing thread catches up, few enough that an interruption wastes little.
+const BUILDS_AHEAD_PER_THREAD: usize = 8;
+
 /// Applies `plan` to `folder`, reading content it lacks from `peer`.
+///
+/// New files are built (read, verified, written to their temp file) by
+/// `build_threads` threads, ahead of the one thread that places them in plan
+/// order, checks each path right before, and records: only building is
+/// parallel, so placing keeps every rule of a sequential run. Builds run ahead
+/// only through a stretch of copies and replaces, never past another action.
 pub fn apply(
     folder: &Folder,
     store: &mut HistoryStore,
@@ -75,46 +90,52 @@ pub fn apply(
     plan: Plan,
     options: &MergeOptions,
 ) -> Result<MergeReport> {
+    let shared = BuildShared {
+        root: folder.root().to_path_buf(),
+        history: folder.history_path(),
+        peer,
+        local_chunks: Mutex::new(None),
+    };
     let mut merger = Merger {
         root: folder.root().to_path_buf(),
         replica: store.replica_id()?,
         store,
-        peer,
+        builder: Builder::new(&shared),
         trash: Trash::new(folder),
         records: Vec::new(),
         report: MergeReport::default(),
-        local_chunks: None,
         pending_chunks: Vec::new(),
         tmp_counter: 0,
         ready_dirs: HashSet::new(),
     };
-    for (done, action) in plan.actions.iter().enumerate() {
-        if options.interrupt_after.is_some_and(|n| done >= n) {
-            merger.report.interrupted = true;
-            return Ok(merger.report);
+    let threads = match plan.actions.iter().any(is_build) {
+        true => options.build_threads,
+        false => 0,
+    };
+    std::thread::scope(|scope| {
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<BuildJob>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        for _ in 0..threads {
+            let (jobs, done, shared) = (job_rx.clone(), done_tx.clone(), &shared);
+            scope.spawn(move || build_worker(Builder::new(shared), jobs, done));
         }
-        match merger.run(action) {
-            Ok(true) => merger.report.applied += 1,
-            Ok(false) => merger.report.deferred.push(action.path().to_string()),
-            Err(e) if is_fatal(&e) => {
-                merger.commit()?;
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::warn!("{}: {e}", action.describe());
-                merger
-                    .report
-                    .warnings
-                    .push(format!("{}: {e}", action.describe()));
-                merger.report.deferred.push(action.path().to_string());
-            }
-        }
-        if merger.records.len() >= options.batch_size {
-            merger.commit()?;
-        }
-    }
-    merger.commit()?;
+        drop(done_tx);
+        let mut builds = Builds {
+            jobs: (threads > 0).then_some(job_tx),
+            unstarted: job_rx,
+            done: done_rx,
+            in_flight: HashMap::new(),
+            finished: HashMap::new(),
+        };
+        let applied = merger.apply_all(&plan.actions, &mut builds, threads, options);
+        builds.abandon();
+        applied
+    })?;
     Ok(merger.report)
+}
+
+fn is_build(action: &Action) -> bool {
+    matches!(action.op, Op::Copy { .. } | Op::Replace)
 }
 
 fn is_fatal(e: &Error) -> bool {
@@ -126,17 +147,299 @@ fn is_fatal(e: &Error) -> bool {
     }
 }
 
+/// A file to build into `temp`: the target version, and a local file that may
+/// hold its content.
+struct BuildJob {
+    index: usize,
+    temp: PathBuf,
+    target: Entry,
+    source: Option<Entry>,
+}
+
+/// A finished build: the chunk list to record and where the bytes came from.
+/// `None` when some content was not available.
+type BuildOutcome = Result<Option<Built>>;
+
+struct Built {
+    chunks: Vec<ChunkInfo>,
+    bytes_local: u64,
+    bytes_fetched: u64,
+}
+
+fn build_worker(
+    mut builder: Builder<'_>,
+    jobs: crossbeam_channel::Receiver<BuildJob>,
+    done: crossbeam_channel::Sender<(usize, BuildOutcome)>,
+) {
+    for job in jobs {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            builder.build(&job.target, job.source.as_ref(), &job.temp)
+        }))
+        .unwrap_or_else(|_| Err(Error::Internal("a build thread panicked".into())));
+        if done.send((job.index, outcome)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The builds handed to the build threads and their outcomes, by action index.
+struct Builds {
+    /// `None` when there are no build threads: files are built in turn.
+    jobs: Option<crossbeam_channel::Sender<BuildJob>>,
+    /// The receiving end, to take back jobs not started when the run stops.
+    unstarted: crossbeam_channel::Receiver<BuildJob>,
+    done: crossbeam_channel::Receiver<(usize, BuildOutcome)>,
+    in_flight: HashMap<usize, PathBuf>,
+    finished: HashMap<usize, BuildOutcome>,
+}
+
+impl Builds {
+    /// The outcome of the build of action `index` and its temp file, waiting for
+    /// it; `None` if it was never handed out.
+    fn take(&mut self, index: usize) -> Option<(PathBuf, BuildOutcome)> {
+        let temp = self.in_flight.remove(&index)?;
+        while !self.finished.contains_key(&index) {
+            match self.done.recv() {
+                Ok((i, outcome)) => {
+                    self.finished.insert(i, outcome);
+                }
+                Err(_) => {
+                    let stopped = Error::Internal("the build threads stopped".into());
+                    self.finished.insert(index, Err(stopped));
+                }
+            }
+        }
+        let outcome = self.finished.remove(&index)?;
+        Some((temp, outcome))
+    }
+
+    /// Stops handing out builds and removes the temp files of those not placed.
+    fn abandon(&mut self) {
+        self.jobs = None;
+        for job in self.unstarted.try_iter() {
+            self.in_flight.remove(&job.index);
+        }
+        let left: Vec<usize> = self.in_flight.keys().copied().collect();
+        for index in left {
+            if let Some((temp, _)) = self.take(index) {
+                let _ = fs::remove_file(temp);
+            }
+        }
+    }
+}
+
+/// What every build thread shares.
+struct BuildShared<'a> {
+    root: PathBuf,
+    history: PathBuf,
+    peer: &'a dyn Peer,
+    /// Every chunk hash this folder holds, loaded by the first build that looks
+    /// for a chunk here: most chunks of a new file are not here, and a set
+    /// answers that without a query.
+    local_chunks: Mutex<Option<Arc<HashSet<Hash>>>>,
+}
+
+/// Builds new files in temp files: from a local copy, from chunks this folder
+/// holds, or from the peer. One per thread, each with its own reading
+/// connection to the folder's history.
+struct Builder<'a> {
+    shared: &'a BuildShared<'a>,
+    store: Option<HistoryStore>,
+    local_chunks: Option<Arc<HashSet<Hash>>>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(shared: &'a BuildShared<'a>) -> Self {
+        Builder {
+            shared,
+            store: None,
+            local_chunks: None,
+        }
+    }
+
+    /// Builds `target` into `temp`, first from `source` when given.
+    fn build(&mut self, target: &Entry, source: Option<&Entry>, temp: &Path) -> BuildOutcome {
+        let built = match source {
+            Some(source) => match self.copy_local(source, target, temp)? {
+                Some(built) => Some(built),
+                None => self.build_from_chunks(target, temp)?,
+            },
+            None => self.build_from_chunks(target, temp)?,
+        };
+        if built.is_none() {
+            let _ = fs::remove_file(temp);
+        }
+        Ok(built)
+    }
+
+    fn store(&mut self) -> Result<&HistoryStore> {
+        match &mut self.store {
+            Some(store) => Ok(store),
+            slot => Ok(slot.insert(HistoryStore::open_read_only(&self.shared.history)?)),
+        }
+    }
+
+    /// Copies a file of this folder that has the target's content; `None` if it
+    /// no longer has it.
+    fn copy_local(&mut self, source: &Entry, target: &Entry, temp: &Path) -> BuildOutcome {
+        let from = self.shared.root.join(&source.path);
+        let mut input = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&from)
+        {
+            Ok(file) => file,
+            Err(_) => return Ok(None),
+        };
+        let meta = input.metadata().map_err(|e| Error::io(&from, e))?;
+        if !meta.is_file() || meta.size() != source.size || mtime_of(&meta) != source.mtime_ns {
+            return Ok(None);
+        }
+        let mut output = create_temp(temp)?;
+        let (copied, hash) = copy_hashing(&mut input, &from, &mut output, temp)?;
+        if copied != target.size || Some(hash) != target.hash {
+            let _ = fs::remove_file(temp);
+            return Ok(None);
+        }
+        finish_file(output, temp, target)?;
+        Ok(Some(Built {
+            // The content is this folder's already: so is its chunk list.
+            chunks: Vec::new(),
+            bytes_local: copied,
+            bytes_fetched: 0,
+        }))
+    }
+
+    /// Builds the target from its chunks: from this folder where it holds them,
+    /// else from the peer. `None` if some chunk is not available.
+    fn build_from_chunks(&mut self, target: &Entry, temp: &Path) -> BuildOutcome {
+        let Some(content) = target.hash else {
+            return Err(Error::Peer(format!(
+                "{}: a file without a hash",
+                target.path
+            )));
+        };
+        let peer = self.shared.peer;
+        let mut chunks = if target.size == 0 {
+            Vec::new()
+        } else {
+            peer.chunks_of(&content)?
+        };
+        if chunks.is_empty() && target.size > 0 {
+            chunks.push(ChunkInfo {
+                hash: content,
+                offset: 0,
+                len: u32::try_from(target.size).unwrap_or(u32::MAX),
+            });
+        }
+        let mut expected_offset = 0;
+        for chunk in &chunks {
+            if chunk.offset != expected_offset {
+                return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
+            }
+            expected_offset += u64::from(chunk.len);
+        }
+        if expected_offset != target.size {
+            return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
+        }
+        let mut output = create_temp(temp)?;
+        // A content of several chunks is checked whole once it is assembled; a
+        // content of one chunk is checked as that chunk.
+        let mut whole = (chunks.len() > 1).then(blake3::Hasher::new);
+        let mut built = Built {
+            chunks: Vec::new(),
+            bytes_local: 0,
+            bytes_fetched: 0,
+        };
+        for chunk in &chunks {
+            let bytes = match self.local_chunk(chunk)? {
+                Some(bytes) => {
+                    built.bytes_local += bytes.len() as u64;
+                    bytes
+                }
+                None => match peer.read_chunk(&content, chunk)? {
+                    Some(bytes) if whole.is_some() || Hash::of(&bytes) == chunk.hash => {
+                        built.bytes_fetched += bytes.len() as u64;
+                        bytes
+                    }
+                    Some(_) => {
+                        return Err(Error::Peer(format!(
+                            "{}: the peer sent a chunk that does not match its hash",
+                            target.path
+                        )));
+                    }
+                    None => return Ok(None),
+                },
+            };
+            if let Some(hasher) = &mut whole {
+                hasher.update(&bytes);
+            }
+            output.write_all(&bytes).map_err(|e| Error::io(temp, e))?;
+        }
+        if whole.is_some_and(|hasher| Hash(*hasher.finalize().as_bytes()) != content) {
+            return Err(Error::Peer(format!(
+                "{}: the assembled file does not match its hash",
+                target.path
+            )));
+        }
+        finish_file(output, temp, target)?;
+        built.chunks = chunks;
+        Ok(Some(built))
+    }
+
+    /// `chunk` read from a file of this folder that holds it, if any does.
+    fn local_chunk(&mut self, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
+        if !self.local_chunks()?.contains(&chunk.hash) {
+            return Ok(None);
+        }
+        for (entry, offset) in self.store()?.chunk_locations(&chunk.hash)? {
+            if let Some(bytes) = read_verified(&self.shared.root, &entry, offset, chunk)? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
+
+    fn local_chunks(&mut self) -> Result<Arc<HashSet<Hash>>> {
+        if let Some(known) = &self.local_chunks {
+            return Ok(Arc::clone(known));
+        }
+        let mut shared = self
+            .shared
+            .local_chunks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let known = match &*shared {
+            Some(known) => Arc::clone(known),
+            None => {
+                let known = Arc::new(self.store()?.all_chunk_hashes()?);
+                *shared = Some(Arc::clone(&known));
+                known
+            }
+        };
+        self.local_chunks = Some(Arc::clone(&known));
+        Ok(known)
+    }
+}
+
+fn create_temp(temp: &Path) -> Result<File> {
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(temp)
+        .map_err(|e| Error::io(temp, e))
+}
+
 struct Merger<'a> {
     root: PathBuf,
     replica: PeerId,
     store: &'a mut HistoryStore,
-    peer: &'a dyn Peer,
+    /// Builds on this thread: a move whose source changed.
+    builder: Builder<'a>,
     trash: Trash,
     records: Vec<Record>,
     report: MergeReport,
-    /// Every chunk hash this folder holds, loaded on the first replace: most
-    /// chunks of a new file are not here, and a set answers that without a query.
-    local_chunks: Option<HashSet<Hash>>,
     /// The chunk list of the file just built, recorded with its entry.
     pending_chunks: Vec<ChunkInfo>,
     tmp_counter: u64,
@@ -145,6 +448,80 @@ struct Merger<'a> {
 }
 
 impl Merger<'_> {
+    fn apply_all(
+        &mut self,
+        actions: &[Action],
+        builds: &mut Builds,
+        threads: usize,
+        options: &MergeOptions,
+    ) -> Result<()> {
+        let ahead = threads * BUILDS_AHEAD_PER_THREAD;
+        let mut handed_out = 0;
+        for (done, action) in actions.iter().enumerate() {
+            if options.interrupt_after.is_some_and(|n| done >= n) {
+                self.report.interrupted = true;
+                return Ok(());
+            }
+            handed_out = handed_out.max(done);
+            while handed_out < actions.len()
+                && handed_out < done + ahead
+                && is_build(&actions[handed_out])
+            {
+                self.hand_out(handed_out, &actions[handed_out], builds);
+                handed_out += 1;
+            }
+            let outcome = match builds.take(done) {
+                Some((temp, built)) => self.place_built(action, &temp, built),
+                None => self.run(action),
+            };
+            match outcome {
+                Ok(true) => self.report.applied += 1,
+                Ok(false) => self.report.deferred.push(action.path().to_string()),
+                Err(e) if is_fatal(&e) => {
+                    self.commit()?;
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!("{}: {e}", action.describe());
+                    self.report
+                        .warnings
+                        .push(format!("{}: {e}", action.describe()));
+                    self.report.deferred.push(action.path().to_string());
+                }
+            }
+            if self.records.len() >= options.batch_size {
+                self.commit()?;
+            }
+        }
+        self.commit()
+    }
+
+    /// Hands the build of `action` to the build threads (its temp file's parent
+    /// is made ready here, in plan order). A failure to do so is left for
+    /// [`Merger::run`] to meet again when the action's turn comes.
+    fn hand_out(&mut self, index: usize, action: &Action, builds: &mut Builds) {
+        let Some(jobs) = &builds.jobs else {
+            return;
+        };
+        let Ok(temp) = check_relative(action.path()).and_then(|()| self.temp_path(action.path()))
+        else {
+            return;
+        };
+        let source = match &action.op {
+            Op::Copy { source } => Some(Entry::clone(source)),
+            _ => None,
+        };
+        let job = BuildJob {
+            index,
+            temp: temp.clone(),
+            target: action.target.clone(),
+            source,
+        };
+        if jobs.send(job).is_ok() {
+            builds.in_flight.insert(index, temp);
+        }
+    }
+
     fn commit(&mut self) -> Result<()> {
         if !self.records.is_empty() {
             self.store.write_batch(&self.records)?;
@@ -286,23 +663,30 @@ impl Merger<'_> {
     }
 
     /// Builds the target file in a temp file (copied from a local source, else
-    /// from chunks) and renames it into place.
+    /// from chunks) on this thread and renames it into place.
     fn build_and_place(&mut self, action: &Action) -> Result<bool> {
         let temp = self.temp_path(action.path())?;
-        let built = match &action.op {
-            Op::Copy { source } | Op::Move { source, .. } => {
-                match self.copy_local(source, &action.target, &temp)? {
-                    true => true,
-                    false => self.build_from_chunks(&action.target, &temp)?,
-                }
-            }
-            _ => self.build_from_chunks(&action.target, &temp)?,
+        let source = match &action.op {
+            Op::Copy { source } | Op::Move { source, .. } => Some(&**source),
+            _ => None,
         };
-        if !built {
-            let _ = fs::remove_file(&temp);
-            return Ok(false);
-        }
-        self.place(action, &temp)
+        let built = self.builder.build(&action.target, source, &temp);
+        self.place_built(action, &temp, built)
+    }
+
+    fn place_built(&mut self, action: &Action, temp: &Path, built: BuildOutcome) -> Result<bool> {
+        let built = match built {
+            Ok(Some(built)) => built,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                let _ = fs::remove_file(temp);
+                return Err(e);
+            }
+        };
+        self.report.bytes_local += built.bytes_local;
+        self.report.bytes_fetched += built.bytes_fetched;
+        self.pending_chunks = built.chunks;
+        self.place(action, temp)
     }
 
     /// Renames the finished `temp` to the action's path, keeping what was there
@@ -347,117 +731,6 @@ impl Merger<'_> {
                 Ok(true)
             }
         }
-    }
-
-    /// Copies a file of this folder that has the target's content; `false` if it
-    /// no longer has it.
-    fn copy_local(&mut self, source: &Entry, target: &Entry, temp: &Path) -> Result<bool> {
-        let from = self.root.join(&source.path);
-        let mut input = match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&from)
-        {
-            Ok(file) => file,
-            Err(_) => return Ok(false),
-        };
-        let meta = input.metadata().map_err(|e| Error::io(&from, e))?;
-        if !meta.is_file() || meta.size() != source.size || mtime_of(&meta) != source.mtime_ns {
-            return Ok(false);
-        }
-        let mut output = self.create_temp(temp)?;
-        let (copied, hash) = copy_hashing(&mut input, &from, &mut output, temp)?;
-        if copied != target.size || Some(hash) != target.hash {
-            return Ok(false);
-        }
-        self.report.bytes_local += copied;
-        finish_file(output, temp, target)?;
-        Ok(true)
-    }
-
-    /// Builds the target from its chunks: from this folder where it holds them,
-    /// else from the peer. `false` if some chunk is not available.
-    fn build_from_chunks(&mut self, target: &Entry, temp: &Path) -> Result<bool> {
-        let Some(content) = target.hash else {
-            return Err(Error::Peer(format!(
-                "{}: a file without a hash",
-                target.path
-            )));
-        };
-        let mut chunks = if target.size == 0 {
-            Vec::new()
-        } else {
-            self.peer.chunks_of(&content)?
-        };
-        if chunks.is_empty() && target.size > 0 {
-            chunks.push(ChunkInfo {
-                hash: content,
-                offset: 0,
-                len: u32::try_from(target.size).unwrap_or(u32::MAX),
-            });
-        }
-        let mut expected_offset = 0;
-        for chunk in &chunks {
-            if chunk.offset != expected_offset {
-                return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
-            }
-            expected_offset += u64::from(chunk.len);
-        }
-        if expected_offset != target.size {
-            return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
-        }
-        let mut output = self.create_temp(temp)?;
-        let mut hasher = blake3::Hasher::new();
-        for chunk in &chunks {
-            let bytes = match self.local_chunk(chunk)? {
-                Some(bytes) => {
-                    self.report.bytes_local += bytes.len() as u64;
-                    bytes
-                }
-                None => match self.peer.read_chunk(&content, chunk)? {
-                    Some(bytes) if Hash::of(&bytes) == chunk.hash => {
-                        self.report.bytes_fetched += bytes.len() as u64;
-                        bytes
-                    }
-                    Some(_) => {
-                        return Err(Error::Peer(format!(
-                            "{}: the peer sent a chunk that does not match its hash",
-                            target.path
-                        )));
-                    }
-                    None => return Ok(false),
-                },
-            };
-            hasher.update(&bytes);
-            output.write_all(&bytes).map_err(|e| Error::io(temp, e))?;
-        }
-        if chunks.len() > 1 && Hash(*hasher.finalize().as_bytes()) != content {
-            return Err(Error::Peer(format!(
-                "{}: the assembled file does not match its hash",
-                target.path
-            )));
-        }
-        // The chunk list is recorded with the entry once the file is placed.
-        self.pending_chunks = chunks;
-        finish_file(output, temp, target)?;
-        Ok(true)
-    }
-
-    /// `chunk` read from a file of this folder that holds it, if any does.
-    fn local_chunk(&mut self, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
-        let known = match &self.local_chunks {
-            Some(known) => known,
-            None => self.local_chunks.insert(self.store.all_chunk_hashes()?),
-        };
-        if !known.contains(&chunk.hash) {
-            return Ok(None);
-        }
-        for (entry, offset) in self.store.chunk_locations(&chunk.hash)? {
-            if let Some(bytes) = read_verified(&self.root, &entry, offset, chunk)? {
-                return Ok(Some(bytes));
-            }
-        }
-        Ok(None)
     }
 
     fn set_meta(&self, abs: &Path, target: &Entry) -> Result<()> {
@@ -526,15 +799,6 @@ impl Merger<'_> {
             Some(i) => self.root.join(&rel[..i]).join(name),
             None => self.root.join(name),
         })
-    }
-
-    fn create_temp(&self, temp: &Path) -> Result<File> {
-        File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(temp)
-            .map_err(|e| Error::io(temp, e))
     }
 }
 

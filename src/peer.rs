@@ -3,9 +3,11 @@
 //! in-process [`FolderPeer`] backed by another folder on this machine; the network
 //! peer implements the same trait.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::content::{ChunkInfo, Hash};
 use crate::device::PeerId;
@@ -13,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::folder::Folder;
 use crate::history::{Entry, HistoryStore, Kind};
 
-pub trait Peer {
+/// `Sync`: the merger builds several files at once, each asking for chunks.
+pub trait Peer: Sync {
     /// The peer's replica id: the author id of the versions it records.
     fn id(&self) -> PeerId;
     /// Its history entries after `seq`, oldest first, at most `limit`.
@@ -25,11 +28,17 @@ pub trait Peer {
     fn read_chunk(&self, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>>;
 }
 
+/// Contents whose current holders [`FolderPeer`] remembers: a file of many chunks
+/// asks for the same content once per chunk.
+const HOLDER_CACHE: usize = 256;
+
 /// Another folder on this machine, read through its own history.
 pub struct FolderPeer {
     root: PathBuf,
     id: PeerId,
-    store: HistoryStore,
+    store: Mutex<HistoryStore>,
+    /// Current files holding a content, by content.
+    holders: Mutex<HashMap<Hash, Vec<Entry>>>,
 }
 
 impl FolderPeer {
@@ -38,12 +47,34 @@ impl FolderPeer {
         Ok(FolderPeer {
             root: folder.root().to_path_buf(),
             id: store.replica_id()?,
-            store,
+            store: Mutex::new(store),
+            holders: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn store(&self) -> MutexGuard<'_, HistoryStore> {
+        // A panic while holding the lock leaves no half-made state: the store
+        // only reads.
+        self.store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn holders_of(&self, content: &Hash) -> Result<Vec<Entry>> {
+        let mut cache = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = cache.get(content) {
+            return Ok(found.clone());
+        }
+        let found = self.store().latests_by_hash(content)?;
+        if cache.len() >= HOLDER_CACHE {
+            cache.clear();
+        }
+        cache.insert(*content, found.clone());
+        Ok(found)
     }
 }
 
@@ -53,26 +84,22 @@ impl Peer for FolderPeer {
     }
 
     fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Entry>> {
-        self.store.changes_since(seq, limit)
+        self.store().changes_since(seq, limit)
     }
 
     fn chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>> {
-        self.store.chunks_of(content)
+        self.store().chunks_of(content)
     }
 
     fn read_chunk(&self, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
         // Any current file with that content will do; then any file holding the chunk.
-        let by_content = self
-            .store
-            .latests_by_hash(content)?
-            .into_iter()
-            .map(|e| (e, chunk.offset));
-        for (entry, offset) in by_content {
-            if let Some(bytes) = read_verified(&self.root, &entry, offset, chunk)? {
+        for entry in self.holders_of(content)? {
+            if let Some(bytes) = read_verified(&self.root, &entry, chunk.offset, chunk)? {
                 return Ok(Some(bytes));
             }
         }
-        for (entry, offset) in self.store.chunk_locations(&chunk.hash)? {
+        let elsewhere = self.store().chunk_locations(&chunk.hash)?;
+        for (entry, offset) in elsewhere {
             if let Some(bytes) = read_verified(&self.root, &entry, offset, chunk)? {
                 return Ok(Some(bytes));
             }

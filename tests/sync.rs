@@ -298,6 +298,7 @@ fn an_interrupted_apply_converges_on_the_next_run() {
         merge: MergeOptions {
             batch_size: 7,
             interrupt_after: Some(23),
+            ..MergeOptions::default()
         },
         ..SyncOptions::default()
     };

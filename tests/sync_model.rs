@@ -114,6 +114,9 @@ impl Case {
             .iter()
             .flat_map(|&r| contents(&self.replicas[r]))
             .collect();
+        // Half the syncs build files on two threads ahead of placing them.
+        let build_threads = 2 * self.rng.below(2);
+        self.log.push(format!("  build threads: {build_threads}"));
         let options = SyncOptions {
             allow_mass_delete: true,
             scan: latus::scan::ScanOptions {
@@ -122,6 +125,7 @@ impl Case {
             },
             merge: MergeOptions {
                 batch_size: 1 + self.rng.below(4),
+                build_threads,
                 interrupt_after,
             },
             ..SyncOptions::default()
