@@ -275,15 +275,19 @@ impl Plan {
 /// Compares my history with what I received of `peer`'s and plans the actions
 /// that apply its newer versions here.
 pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
-    let mine: HashMap<String, Entry> = store
-        .latest_all()?
-        .into_iter()
-        .map(|e| (e.path.clone(), e))
-        .collect();
+    // Paths with no entry on either side since both were last identical are in
+    // sync still: a sync that changes 1% of a folder plans 1% of its paths.
+    let marks = store.identical_marks(peer)?;
+    let (mine, theirs) = match marks {
+        Some(marks) => store.latest_changed_since(peer, marks)?,
+        None => (store.latest_all()?, store.remote_latest_all(peer)?),
+    };
+    let local = LocalFiles::new(store, mine, marks.is_none());
+    let mine = &local.by_path;
     let mut plan = Plan::default();
     let mut takes: Vec<(Entry, Option<Entry>)> = Vec::new();
     let mut losers: Vec<Entry> = Vec::new();
-    for theirs in store.remote_latest_all(peer)? {
+    for theirs in theirs {
         if let Err(e) = check_relative(&theirs.path) {
             plan.warnings.push(e.to_string());
             continue;
@@ -314,13 +318,12 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
         }
     }
 
-    let mut taken_names: HashSet<String> = mine
-        .values()
-        .filter(|e| e.kind != Kind::Deleted)
-        .map(|e| e.path.clone())
-        .collect();
+    let mut taken_names = HashSet::new();
     for loser in losers {
-        let copy_path = free_name(&conflict_name(&loser.path, &loser), &mut taken_names);
+        let copy_path = free_name(&conflict_name(&loser.path, &loser), |name| {
+            Ok(taken_names.contains(name) || local.exists(name)?)
+        })?;
+        taken_names.insert(copy_path.clone());
         plan.actions.push(Action {
             target: loser.clone(),
             current: Some(loser),
@@ -339,12 +342,6 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
                 .entry(hash)
                 .or_default()
                 .push((cur.clone(), theirs.clone()));
-        }
-    }
-    let mut by_hash: HashMap<Hash, &Entry> = HashMap::new();
-    for entry in mine.values() {
-        if let (Kind::File, Some(hash)) = (entry.kind, entry.hash) {
-            by_hash.entry(hash).or_insert(entry);
         }
     }
     let mut moved_away: HashSet<String> = HashSet::new();
@@ -371,19 +368,20 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
             Kind::File if theirs.size == 0 => Op::Replace,
             Kind::File => {
                 let hash = theirs.hash.unwrap_or(Hash([0; 32]));
-                let movable = deleted_here.get_mut(&hash).and_then(Vec::pop);
-                match (movable, by_hash.get(&hash)) {
-                    (Some((source, source_deletion)), _) => {
+                match deleted_here.get_mut(&hash).and_then(Vec::pop) {
+                    Some((source, source_deletion)) => {
                         moved_away.insert(source.path.clone());
                         Op::Move {
                             source: Box::new(source),
                             source_deletion: Box::new(source_deletion),
                         }
                     }
-                    (None, Some(source)) if source.path != theirs.path => Op::Copy {
-                        source: Box::new((*source).clone()),
+                    None => match local.holder_of(&hash, &theirs.path)? {
+                        Some(source) => Op::Copy {
+                            source: Box::new(source),
+                        },
+                        None => Op::Replace,
                     },
-                    _ => Op::Replace,
                 }
             }
         };
@@ -446,15 +444,78 @@ pub fn conflict_name(path: &str, loser: &Entry) -> String {
 }
 
 /// `name`, or `name` with a counter when a path of that name exists here already.
-fn free_name(name: &str, taken: &mut HashSet<String>) -> String {
+/// `name`, or `name-2`, `name-3`… when taken.
+fn free_name(name: &str, mut taken: impl FnMut(&str) -> Result<bool>) -> Result<String> {
     let mut candidate = name.to_string();
     let mut counter = 2;
-    while taken.contains(&candidate) {
+    while taken(&candidate)? {
         candidate = format!("{name}-{counter}");
         counter += 1;
     }
-    taken.insert(candidate.clone());
-    candidate
+    Ok(candidate)
+}
+
+/// The current entries of this side that a plan looks at: those of the paths it
+/// decides, and, for names and copy sources, either all of them (a full plan)
+/// or the history itself (a plan of the paths changed since the last identical
+/// state).
+struct LocalFiles<'a> {
+    store: &'a HistoryStore,
+    by_path: HashMap<String, Entry>,
+    /// A current file of each content, when `by_path` holds every path.
+    by_hash: Option<HashMap<Hash, String>>,
+}
+
+impl<'a> LocalFiles<'a> {
+    fn new(store: &'a HistoryStore, entries: Vec<Entry>, complete: bool) -> Self {
+        let by_path: HashMap<String, Entry> =
+            entries.into_iter().map(|e| (e.path.clone(), e)).collect();
+        let by_hash = complete.then(|| {
+            let mut by_hash = HashMap::new();
+            for entry in by_path.values() {
+                if let (Kind::File, Some(hash)) = (entry.kind, entry.hash) {
+                    let path: &mut String =
+                        by_hash.entry(hash).or_insert_with(|| entry.path.clone());
+                    // The first by name: the same source whichever way it is found.
+                    if entry.path < *path {
+                        *path = entry.path.clone();
+                    }
+                }
+            }
+            by_hash
+        });
+        LocalFiles {
+            store,
+            by_path,
+            by_hash,
+        }
+    }
+
+    /// Whether something is at `path` now.
+    fn exists(&self, path: &str) -> Result<bool> {
+        let current = match (&self.by_hash, self.by_path.get(path)) {
+            (_, Some(entry)) => Some(entry.clone()),
+            (Some(_), None) => None,
+            (None, None) => self.store.latest_by_path(path)?,
+        };
+        Ok(current.is_some_and(|e| e.kind != Kind::Deleted))
+    }
+
+    /// A current file with content `hash` at another path than `path`.
+    fn holder_of(&self, hash: &Hash, path: &str) -> Result<Option<Entry>> {
+        Ok(match &self.by_hash {
+            Some(by_hash) => by_hash
+                .get(hash)
+                .filter(|holder| holder.as_str() != path)
+                .and_then(|holder| self.by_path.get(holder))
+                .cloned(),
+            None => self
+                .store
+                .latests_by_hash(hash)?
+                .into_iter()
+                .find(|holder| holder.path != path),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -104,6 +104,12 @@ const MIGRATIONS: &[&str] = &[
         root TEXT NOT NULL
     ) WITHOUT ROWID;
 "#,
+    r#"
+    -- Where both sides were last found identical: this history's seq and the
+    -- peer's. Only paths with entries after these need planning again.
+    ALTER TABLE remote_peers ADD COLUMN identical_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE remote_peers ADD COLUMN identical_remote_seq INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -535,20 +541,15 @@ impl HistoryStore {
         Ok(found)
     }
 
-    /// Every chunk hash this history knows (current or not): a quick "surely not
-    /// here" before looking for a chunk's location.
-    pub fn all_chunk_hashes(&self) -> Result<std::collections::HashSet<Hash>> {
-        let mut stmt = self
-            .conn
+    /// Whether any file this history has recorded held `chunk`: most chunks of a
+    /// new file are not here, and this answers that from the indexes alone.
+    pub fn may_hold_chunk(&self, chunk: &Hash) -> Result<bool> {
+        self.conn
             .prepare_cached(
-                "SELECT chunk FROM content_chunks \
-                 UNION SELECT hash FROM entries WHERE kind = 0 AND hash IS NOT NULL",
+                "SELECT EXISTS (SELECT 1 FROM content_chunks WHERE chunk = ?1) \
+                 OR EXISTS (SELECT 1 FROM entries WHERE hash = ?1 AND kind = 0)",
             )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |row| hash_column(row, 0))
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
+            .and_then(|mut stmt| stmt.query_row([&chunk.0[..]], |r| r.get(0)))
             .map_err(|e| self.err(e))
     }
 
@@ -563,6 +564,68 @@ impl HistoryStore {
             )
             .optional()
             .map_err(|e| self.err(e))
+    }
+
+    /// The sequence numbers (this history's, `peer`'s) at which both sides were
+    /// last found identical; `None` if never.
+    pub fn identical_marks(&self, peer: &PeerId) -> Result<Option<IdenticalMarks>> {
+        self.conn
+            .prepare_cached(
+                "SELECT identical_seq, identical_remote_seq FROM remote_peers \
+                 WHERE peer = ?1 AND (identical_seq > 0 OR identical_remote_seq > 0)",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row([&peer.0[..]], |r| {
+                    Ok(IdenticalMarks {
+                        local_seq: r.get::<_, i64>(0)? as u64,
+                        remote_seq: r.get::<_, i64>(1)? as u64,
+                    })
+                })
+                .optional()
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    /// Notes that this folder and `peer` were found identical: now, with
+    /// everything received from `peer` so far.
+    pub fn mark_identical(&mut self, peer: &PeerId) -> Result<()> {
+        let local_seq = self.last_seq()?;
+        self.conn
+            .execute(
+                "UPDATE remote_peers SET identical_seq = ?2, identical_remote_seq = last_seq \
+                 WHERE peer = ?1",
+                params![&peer.0[..], local_seq as i64],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The current entries of the paths with an entry after `marks`, here or in
+    /// `peer`'s history: (mine, theirs).
+    pub fn latest_changed_since(
+        &self,
+        peer: &PeerId,
+        marks: IdenticalMarks,
+    ) -> Result<(Vec<Entry>, Vec<Entry>)> {
+        const CHANGED: &str = "SELECT path FROM entries WHERE seq > ?2 \
+             UNION SELECT path FROM remote_entries WHERE peer = ?1 AND seq > ?3";
+        let params = params![&peer.0[..], marks.local_seq as i64, marks.remote_seq as i64];
+        let mine = self.query_entries(
+            &format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries AS e WHERE path IN ({CHANGED}) \
+                 AND seq = (SELECT MAX(seq) FROM entries WHERE path = e.path)"
+            ),
+            params,
+        )?;
+        let theirs = self.query_entries(
+            &format!(
+                "SELECT {REMOTE_COLUMNS} FROM remote_entries AS r \
+                 INDEXED BY remote_entries_by_path WHERE peer = ?1 AND path IN ({CHANGED}) \
+                 AND seq = (SELECT MAX(seq) FROM remote_entries WHERE peer = ?1 AND path = r.path)"
+            ),
+            params,
+        )?;
+        Ok((mine, theirs))
     }
 
     /// Whether a local peer with history was ever synced at `root`.
@@ -733,6 +796,13 @@ impl HistoryStore {
             .map(|n| n as u64)
             .map_err(|e| self.err(e))
     }
+}
+
+/// Sequence numbers at which a folder and a peer were found identical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdenticalMarks {
+    pub local_seq: u64,
+    pub remote_seq: u64,
 }
 
 /// Makes cached statements stay prepared. The default cache of 16 is fewer than

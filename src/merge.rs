@@ -16,7 +16,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -94,7 +93,6 @@ pub fn apply(
         root: folder.root().to_path_buf(),
         history: folder.history_path(),
         peer,
-        local_chunks: Mutex::new(None),
     };
     let mut merger = Merger {
         root: folder.root().to_path_buf(),
@@ -233,10 +231,6 @@ struct BuildShared<'a> {
     root: PathBuf,
     history: PathBuf,
     peer: &'a dyn Peer,
-    /// Every chunk hash this folder holds, loaded by the first build that looks
-    /// for a chunk here: most chunks of a new file are not here, and a set
-    /// answers that without a query.
-    local_chunks: Mutex<Option<Arc<HashSet<Hash>>>>,
 }
 
 /// Builds new files in temp files: from a local copy, from chunks this folder
@@ -245,7 +239,6 @@ struct BuildShared<'a> {
 struct Builder<'a> {
     shared: &'a BuildShared<'a>,
     store: Option<HistoryStore>,
-    local_chunks: Option<Arc<HashSet<Hash>>>,
 }
 
 impl<'a> Builder<'a> {
@@ -253,7 +246,6 @@ impl<'a> Builder<'a> {
         Builder {
             shared,
             store: None,
-            local_chunks: None,
         }
     }
 
@@ -389,36 +381,16 @@ impl<'a> Builder<'a> {
 
     /// `chunk` read from a file of this folder that holds it, if any does.
     fn local_chunk(&mut self, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
-        if !self.local_chunks()?.contains(&chunk.hash) {
+        let store = self.store()?;
+        if !store.may_hold_chunk(&chunk.hash)? {
             return Ok(None);
         }
-        for (entry, offset) in self.store()?.chunk_locations(&chunk.hash)? {
+        for (entry, offset) in store.chunk_locations(&chunk.hash)? {
             if let Some(bytes) = read_verified(&self.shared.root, &entry, offset, chunk)? {
                 return Ok(Some(bytes));
             }
         }
         Ok(None)
-    }
-
-    fn local_chunks(&mut self) -> Result<Arc<HashSet<Hash>>> {
-        if let Some(known) = &self.local_chunks {
-            return Ok(Arc::clone(known));
-        }
-        let mut shared = self
-            .shared
-            .local_chunks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let known = match &*shared {
-            Some(known) => Arc::clone(known),
-            None => {
-                let known = Arc::new(self.store()?.all_chunk_hashes()?);
-                *shared = Some(Arc::clone(&known));
-                known
-            }
-        };
-        self.local_chunks = Some(Arc::clone(&known));
-        Ok(known)
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::device::PeerId;
 use crate::diff::{self, ConflictCopy, Plan};
 use crate::error::{Error, Result};
 use crate::folder::Folder;
@@ -176,8 +177,12 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
     let peer_b = FolderPeer::open(&folder_b)?;
     exchange(&mut store_a, &peer_b)?;
     exchange(&mut store_b, &peer_a)?;
-    report.differences = differences(&store_a, &store_b)?;
+    report.differences = differences(&store_a, &peer_b.id(), &store_b, &peer_a.id())?;
     report.identical = report.differences.is_empty();
+    if report.identical {
+        store_a.mark_identical(&peer_b.id())?;
+        store_b.mark_identical(&peer_a.id())?;
+    }
     Ok(report)
 }
 
@@ -310,22 +315,56 @@ fn synced_state(e: &Entry) -> (Kind, u64, i64, u32, Option<crate::content::Hash>
 }
 
 /// Paths whose current state differs between the two histories (at most 20).
-fn differences(a: &HistoryStore, b: &HistoryStore) -> Result<Vec<String>> {
-    let state = |store: &HistoryStore| -> Result<BTreeMap<String, _>> {
-        Ok(store
-            .latest_existing()?
-            .into_iter()
-            .map(|e| (e.path.clone(), synced_state(&e)))
-            .collect())
+/// Once both were found identical, only the paths with entries since then on
+/// either side are compared.
+fn differences(
+    a: &HistoryStore,
+    peer_b: &PeerId,
+    b: &HistoryStore,
+    peer_a: &PeerId,
+) -> Result<Vec<String>> {
+    let (a_now, b_now) = match (a.identical_marks(peer_b)?, b.identical_marks(peer_a)?) {
+        (Some(marks_a), Some(marks_b)) => {
+            let (a_now, _) = a.latest_changed_since(peer_b, marks_a)?;
+            let (b_now, _) = b.latest_changed_since(peer_a, marks_b)?;
+            let (mut a_now, mut b_now) = (by_path(a_now), by_path(b_now));
+            // The marks of the two sides are written one after the other: a path
+            // one side lists is looked up on the other, whatever its marks say.
+            complete(&mut a_now, &b_now, a)?;
+            complete(&mut b_now, &a_now, b)?;
+            (a_now, b_now)
+        }
+        _ => (by_path(a.latest_all()?), by_path(b.latest_all()?)),
     };
-    let (a, b) = (state(a)?, state(b)?);
-    let mut differ: Vec<String> = a
-        .iter()
-        .filter(|(path, s)| b.get(*path) != Some(s))
-        .map(|(path, _)| path.clone())
-        .chain(b.keys().filter(|p| !a.contains_key(*p)).cloned())
+    let state = |e: Option<&Entry>| e.filter(|e| e.kind != Kind::Deleted).map(synced_state);
+    let mut differ: Vec<String> = a_now
+        .keys()
+        .chain(b_now.keys())
+        .filter(|path| state(a_now.get(*path)) != state(b_now.get(*path)))
+        .cloned()
         .collect();
     differ.sort();
+    differ.dedup();
     differ.truncate(20);
     Ok(differ)
+}
+
+fn by_path(entries: Vec<Entry>) -> BTreeMap<String, Entry> {
+    entries.into_iter().map(|e| (e.path.clone(), e)).collect()
+}
+
+/// Adds to `entries` the current entry in `store` of each path of `others` it lacks.
+fn complete(
+    entries: &mut BTreeMap<String, Entry>,
+    others: &BTreeMap<String, Entry>,
+    store: &HistoryStore,
+) -> Result<()> {
+    for path in others.keys() {
+        if !entries.contains_key(path)
+            && let Some(entry) = store.latest_by_path(path)?
+        {
+            entries.insert(path.clone(), entry);
+        }
+    }
+    Ok(())
 }
