@@ -219,6 +219,13 @@ mod tests {
         let hashed = hasher.hash_reader(&mut &small[..], |_| {}).unwrap();
         check_invariants(&small, &hashed);
         assert_eq!(hashed.chunks.len(), 1);
+        // The merger relies on this: it asks no chunk list for such a content.
+        for seed in 0..20 {
+            let at_most_min = pseudo_random(MIN_CHUNK, seed);
+            let hashed = hasher.hash_reader(&mut &at_most_min[..], |_| {}).unwrap();
+            assert_eq!(hashed.chunks.len(), 1);
+            assert_eq!(hashed.hash, hashed.chunks[0].hash);
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::content::{ChunkInfo, Hash};
+use crate::content::{ChunkInfo, Hash, MIN_CHUNK};
 use crate::device::PeerId;
 use crate::diff::{Action, ConflictCopy, Op, Plan};
 use crate::error::{Error, Result};
@@ -312,7 +312,9 @@ impl<'a> Builder<'a> {
             )));
         };
         let peer = self.shared.peer;
-        let mut chunks = if target.size == 0 {
+        // A content no longer than the smallest chunk is that one chunk: there is
+        // no list to ask the peer for.
+        let mut chunks = if target.size <= MIN_CHUNK as u64 {
             Vec::new()
         } else {
             peer.chunks_of(&content)?
