@@ -54,7 +54,7 @@ enum Command {
         /// Limit reading for hashing to this many MB/s (0: no limit).
         #[arg(long, value_name = "MBPS")]
         max_read_mbps: Option<f64>,
-        /// Hashing threads (default: the number of cores).
+        /// Hashing threads (default: twice the number of cores, at least 8).
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
     },
@@ -95,7 +95,7 @@ enum Command {
         /// Limit reading for hashing to this many MB/s (0: no limit).
         #[arg(long, value_name = "MBPS")]
         max_read_mbps: Option<f64>,
-        /// Hashing threads (default: the number of cores).
+        /// Hashing threads (default: twice the number of cores, at least 8).
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
     },

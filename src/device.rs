@@ -100,7 +100,7 @@ pub struct SyncConfig {
 pub struct ScanConfig {
     /// Upper bound on the bytes read per second for hashing, in MB/s (10^6 bytes).
     pub max_read_mbps: Option<f64>,
-    /// Hashing threads; default: the number of cores.
+    /// Hashing threads; default: twice the number of cores, at least 8.
     pub hash_threads: Option<usize>,
 }
 

@@ -4,6 +4,7 @@
 //! Each entry gets the next per-folder sequence number, so a peer can ask for
 //! "everything after seq N" and never needs the whole index again.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -251,6 +252,7 @@ pub struct HistoryStore {
 impl HistoryStore {
     /// Opens (creating and migrating if needed) the database for writing.
     pub fn open(path: &Path) -> Result<Self> {
+        read_ahead(path);
         let conn = Connection::open(path).map_err(|e| classify(path, e))?;
         let mut store = HistoryStore {
             conn,
@@ -939,6 +941,28 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
             reason: e.to_string(),
         },
         _ => Error::Database { path, source: e },
+    }
+}
+
+/// Asks the kernel to read the database (and its WAL) into the page cache in
+/// the background: a sync looks up paths all over it, and on a cold cache each
+/// lookup would otherwise wait for a random read (planning 200 changed paths of
+/// a 20k-file folder: 80 ms of such waits). Databases too large to be worth it
+/// are left alone; a failure only loses the hint.
+fn read_ahead(db: &Path) {
+    const MAX_READ_AHEAD: u64 = 256 << 20;
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    for path in [db, Path::new(&wal)] {
+        let Ok(file) = std::fs::File::open(path) else {
+            continue;
+        };
+        if file.metadata().is_ok_and(|m| m.len() <= MAX_READ_AHEAD) {
+            // SAFETY: a plain advice call on a descriptor this function owns.
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+            }
+        }
     }
 }
 

@@ -117,8 +117,11 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
     };
 
     let mut rescan = true;
+    // The differences found right after a round that applied everything.
+    let mut compared = None;
     while report.rounds < options.max_rounds {
         report.rounds += 1;
+        let started = std::time::Instant::now();
         if rescan {
             let (scanned_a, scanned_b) = std::thread::scope(|s| {
                 let a = s.spawn(|| scan_folder(&folder_a, &mut store_a, &options.scan));
@@ -133,6 +136,11 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
             report.b.files_hashed += scanned_b.files_hashed;
             report.warnings.extend(scanned_a.warnings);
             report.warnings.extend(scanned_b.warnings);
+            tracing::debug!(
+                "round {}: scanned both in {:?}",
+                report.rounds,
+                started.elapsed()
+            );
         }
         let peer_a = FolderPeer::open(&folder_a)?;
         let peer_b = FolderPeer::open(&folder_b)?;
@@ -142,6 +150,13 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
         let plan_b = diff::plan(&store_b, &peer_a.id())?;
         report.warnings.extend(plan_a.warnings.iter().cloned());
         report.warnings.extend(plan_b.warnings.iter().cloned());
+        tracing::debug!(
+            "round {}: exchanged and planned ({} + {} actions) at {:?}",
+            report.rounds,
+            plan_a.actions.len(),
+            plan_b.actions.len(),
+            started.elapsed()
+        );
         if plan_a.is_empty() && plan_b.is_empty() {
             break;
         }
@@ -165,25 +180,54 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
         }
         let merged_b = merge::apply(&folder_b, &mut store_b, &peer_a, plan_b, &options.merge)?;
         report.interrupted = merged_b.interrupted;
+        tracing::debug!(
+            "round {}: applied at {:?}",
+            report.rounds,
+            started.elapsed()
+        );
         rescan = !merged_a.deferred.is_empty() || !merged_b.deferred.is_empty();
         report.absorb(true, merged_a);
         report.absorb(false, merged_b);
         if report.interrupted {
             return Ok(report);
         }
+        // Everything applied: when both sides are now identical, another round
+        // would plan nothing, so the final comparison ends the sync here.
+        if !rescan {
+            let differ = compare(&mut store_a, &folder_a, &mut store_b, &folder_b)?;
+            if differ.is_empty() {
+                compared = Some(differ);
+                break;
+            }
+        }
     }
 
-    let peer_a = FolderPeer::open(&folder_a)?;
-    let peer_b = FolderPeer::open(&folder_b)?;
-    exchange(&mut store_a, &peer_b)?;
-    exchange(&mut store_b, &peer_a)?;
-    report.differences = differences(&store_a, &peer_b.id(), &store_b, &peer_a.id())?;
+    report.differences = match compared {
+        Some(differ) => differ,
+        None => compare(&mut store_a, &folder_a, &mut store_b, &folder_b)?,
+    };
     report.identical = report.differences.is_empty();
     if report.identical {
-        store_a.mark_identical(&peer_b.id())?;
-        store_b.mark_identical(&peer_a.id())?;
+        let (id_a, id_b) = (store_a.replica_id()?, store_b.replica_id()?);
+        store_a.mark_identical(&id_b)?;
+        store_b.mark_identical(&id_a)?;
     }
     Ok(report)
+}
+
+/// Exchanges what each side lacks of the other's history, then lists the paths
+/// whose current state still differs.
+fn compare(
+    store_a: &mut HistoryStore,
+    folder_a: &Folder,
+    store_b: &mut HistoryStore,
+    folder_b: &Folder,
+) -> Result<Vec<String>> {
+    let peer_a = FolderPeer::open(folder_a)?;
+    let peer_b = FolderPeer::open(folder_b)?;
+    exchange(store_a, &peer_b)?;
+    exchange(store_b, &peer_a)?;
+    differences(store_a, &peer_b.id(), store_b, &peer_a.id())
 }
 
 impl SyncReport {
