@@ -13,8 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -311,13 +312,12 @@ impl<'a> Builder<'a> {
                 target.path
             )));
         };
-        let peer = self.shared.peer;
         // A content no longer than the smallest chunk is that one chunk: there is
         // no list to ask the peer for.
         let mut chunks = if target.size <= MIN_CHUNK as u64 {
             Vec::new()
         } else {
-            peer.chunks_of(&content)?
+            self.shared.peer.chunks_of(&content)?
         };
         if chunks.is_empty() && target.size > 0 {
             chunks.push(ChunkInfo {
@@ -336,22 +336,70 @@ impl<'a> Builder<'a> {
         if expected_offset != target.size {
             return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
         }
-        let mut output = create_temp(temp)?;
-        // A content of several chunks is checked whole once it is assembled; a
-        // content of one chunk is checked as that chunk.
-        let mut whole = (chunks.len() > 1).then(blake3::Hasher::new);
+        // Local chunks are first copied as ranges, unread (a clone on file systems
+        // with reflinks); only if the result is not the content, because a
+        // source changed meanwhile, each local chunk is read and checked.
+        for ranges in [true, false] {
+            match self.assemble(target, content, &chunks, temp, ranges)? {
+                Assembled::Done(built) => {
+                    return Ok(Some(Built { chunks, ..built }));
+                }
+                Assembled::Unavailable => return Ok(None),
+                Assembled::LocalChanged => {
+                    let _ = fs::remove_file(temp);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes `chunks` into `temp` and checks the whole against `content`. With
+    /// `ranges`, runs of chunks held by a local file are copied file to file
+    /// without being read; otherwise each local chunk is read and verified.
+    fn assemble(
+        &mut self,
+        target: &Entry,
+        content: Hash,
+        chunks: &[ChunkInfo],
+        temp: &Path,
+        ranges: bool,
+    ) -> Result<Assembled> {
+        let peer = self.shared.peer;
+        let output = create_temp(temp)?;
         let mut built = Built {
             chunks: Vec::new(),
             bytes_local: 0,
             bytes_fetched: 0,
         };
-        for chunk in &chunks {
-            let bytes = match self.local_chunk(chunk)? {
-                Some(bytes) => {
+        let mut sources = LocalSources::default();
+        let mut run: Option<LocalRun> = None;
+        // A content of several chunks is checked whole once it is assembled; a
+        // content of one chunk is checked as that chunk.
+        let mut whole = (chunks.len() > 1).then(blake3::Hasher::new);
+        for chunk in chunks {
+            if ranges {
+                if let Some(next) = self.local_range(chunk, run.as_ref(), &mut sources)? {
+                    built.bytes_local += u64::from(chunk.len);
+                    match &mut run {
+                        Some(current) if current.continues_with(&next) => current.len += next.len,
+                        _ => {
+                            if let Some(done) = run.replace(next) {
+                                done.copy(&sources, &output, temp)?;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                if let Some(done) = run.take() {
+                    done.copy(&sources, &output, temp)?;
+                }
+            }
+            let bytes = match (!ranges).then(|| self.local_chunk(chunk)).transpose()? {
+                Some(Some(bytes)) => {
                     built.bytes_local += bytes.len() as u64;
                     bytes
                 }
-                None => match peer.read_chunk(&content, chunk)? {
+                _ => match peer.read_chunk(&content, chunk)? {
                     Some(bytes) if whole.is_some() || Hash::of(&bytes) == chunk.hash => {
                         built.bytes_fetched += bytes.len() as u64;
                         bytes
@@ -362,23 +410,70 @@ impl<'a> Builder<'a> {
                             target.path
                         )));
                     }
-                    None => return Ok(None),
+                    None => return Ok(Assembled::Unavailable),
                 },
             };
             if let Some(hasher) = &mut whole {
                 hasher.update(&bytes);
             }
-            output.write_all(&bytes).map_err(|e| Error::io(temp, e))?;
+            output
+                .write_all_at(&bytes, chunk.offset)
+                .map_err(|e| Error::io(temp, e))?;
         }
-        if whole.is_some_and(|hasher| Hash(*hasher.finalize().as_bytes()) != content) {
+        if let Some(done) = run.take() {
+            done.copy(&sources, &output, temp)?;
+        }
+        let copied_unread = ranges && built.bytes_local > 0;
+        let matches = if copied_unread {
+            hash_file(&output, temp)? == content
+        } else {
+            whole.is_none_or(|hasher| Hash(*hasher.finalize().as_bytes()) == content)
+        };
+        if !matches {
+            if copied_unread {
+                return Ok(Assembled::LocalChanged);
+            }
             return Err(Error::Peer(format!(
                 "{}: the assembled file does not match its hash",
                 target.path
             )));
         }
         finish_file(output, temp, target)?;
-        built.chunks = chunks;
-        Ok(Some(built))
+        Ok(Assembled::Done(built))
+    }
+
+    /// Where this folder holds `chunk` (a file that still has the size and mtime
+    /// it was hashed with), preferring the place that continues `run`.
+    fn local_range(
+        &mut self,
+        chunk: &ChunkInfo,
+        run: Option<&LocalRun>,
+        sources: &mut LocalSources,
+    ) -> Result<Option<LocalRun>> {
+        let store = self.store()?;
+        if !store.may_hold_chunk(&chunk.hash)? {
+            return Ok(None);
+        }
+        let mut found = None;
+        for (entry, offset) in store.chunk_locations(&chunk.hash)? {
+            if offset + u64::from(chunk.len) > entry.size {
+                continue;
+            }
+            let Some(source) = sources.open(&self.shared.root, &entry)? else {
+                continue;
+            };
+            let here = LocalRun {
+                source,
+                from: offset,
+                to: chunk.offset,
+                len: u64::from(chunk.len),
+            };
+            if run.is_some_and(|run| run.continues_with(&here)) {
+                return Ok(Some(here));
+            }
+            found.get_or_insert(here);
+        }
+        Ok(found)
     }
 
     /// `chunk` read from a file of this folder that holds it, if any does.
@@ -396,8 +491,156 @@ impl<'a> Builder<'a> {
     }
 }
 
+enum Assembled {
+    Done(Built),
+    /// Some content was not available from the peer.
+    Unavailable,
+    /// A local file copied unread changed meanwhile: the result is not the content.
+    LocalChanged,
+}
+
+/// Local files opened as chunk sources during one build, each checked once
+/// against the size and mtime it was hashed with.
+#[derive(Default)]
+struct LocalSources {
+    files: Vec<File>,
+    by_path: HashMap<String, Option<usize>>,
+}
+
+impl LocalSources {
+    /// The index of the open file `entry` describes; `None` if it is no longer that file.
+    fn open(&mut self, root: &Path, entry: &Entry) -> Result<Option<usize>> {
+        if let Some(known) = self.by_path.get(&entry.path) {
+            return Ok(*known);
+        }
+        let path = root.join(&entry.path);
+        let opened = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(file) => {
+                let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
+                let same = meta.is_file()
+                    && meta.size() == entry.size
+                    && mtime_of(&meta) == entry.mtime_ns;
+                same.then(|| {
+                    self.files.push(file);
+                    self.files.len() - 1
+                })
+            }
+            Err(e) if is_gone(&e) => None,
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        self.by_path.insert(entry.path.clone(), opened);
+        Ok(opened)
+    }
+}
+
+/// Bytes `from..from+len` of a local source, to go at `to` in the new file.
+struct LocalRun {
+    source: usize,
+    from: u64,
+    to: u64,
+    len: u64,
+}
+
+impl LocalRun {
+    fn continues_with(&self, next: &LocalRun) -> bool {
+        next.source == self.source
+            && next.from == self.from + self.len
+            && next.to == self.to + self.len
+    }
+
+    fn copy(&self, sources: &LocalSources, output: &File, temp: &Path) -> Result<()> {
+        let input = &sources.files[self.source];
+        copy_range(input, self.from, output, self.to, self.len).map_err(|e| Error::io(temp, e))
+    }
+}
+
+/// Copies `len` bytes between two files with `copy_file_range`: in the kernel,
+/// and as a clone of the extents where the file system has reflinks (XFS,
+/// Btrfs), so an append to a large file writes little more than the appended
+/// bytes there. Falls back to reading and writing where the call is refused.
+fn copy_range(input: &File, from: u64, output: &File, to: u64, len: u64) -> std::io::Result<()> {
+    let (mut from, mut to, mut left) = (from, to, len);
+    while left > 0 {
+        let mut off_in = from as libc::loff_t;
+        let mut off_out = to as libc::loff_t;
+        // SAFETY: both descriptors are open for the duration of the call and the
+        // offsets are plain integers the kernel updates.
+        let n = unsafe {
+            libc::copy_file_range(
+                input.as_raw_fd(),
+                &mut off_in,
+                output.as_raw_fd(),
+                &mut off_out,
+                left.min(1 << 30) as usize,
+                0,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                let n = n as u64;
+                from += n;
+                to += n;
+                left -= n;
+            }
+            0 => return Err(std::io::Error::from(ErrorKind::UnexpectedEof)),
+            _ => {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        return copy_range_by_reading(input, from, output, to, left);
+                    }
+                    Some(libc::EINTR) => {}
+                    _ => return Err(err),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_by_reading(
+    input: &File,
+    mut from: u64,
+    output: &File,
+    mut to: u64,
+    mut left: u64,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0; COPY_BUFFER];
+    while left > 0 {
+        let n = buffer
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        input.read_exact_at(&mut buffer[..n], from)?;
+        output.write_all_at(&buffer[..n], to)?;
+        (from, to, left) = (from + n as u64, to + n as u64, left - n as u64);
+    }
+    Ok(())
+}
+
+/// The BLAKE3 hash of a whole file, read from its start.
+fn hash_file(file: &File, path: &Path) -> Result<Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0; COPY_BUFFER];
+    let mut offset = 0;
+    loop {
+        let n = file
+            .read_at(&mut buffer, offset)
+            .map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            return Ok(Hash(*hasher.finalize().as_bytes()));
+        }
+        hasher.update(&buffer[..n]);
+        offset += n as u64;
+    }
+}
+
 fn create_temp(temp: &Path) -> Result<File> {
     File::options()
+        .read(true) // to check what was copied into it unread
         .write(true)
         .create_new(true)
         .mode(0o600)

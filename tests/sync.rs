@@ -241,6 +241,45 @@ fn an_append_reuses_the_chunks_already_here() {
 }
 
 #[test]
+fn a_local_chunk_source_that_changed_unseen_is_not_trusted() {
+    let p = Pair::new();
+    let old = bytes(4 << 20, 11);
+    write(&p.a, "old.bin", &old);
+    p.converge();
+    let mut new = old.clone();
+    new.extend(bytes(1 << 20, 12));
+    write(&p.a, "new.bin", &new);
+    // Plan B's side by hand, then change B's old.bin behind the same size and
+    // mtime: its chunks are no longer what B's history says they are.
+    let (fa, fb) = (Folder::open(&p.a).unwrap(), Folder::open(&p.b).unwrap());
+    let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
+    let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
+    let replica_a = sa.replica_id().unwrap();
+    scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
+    let peer_a = FolderPeer::open(&fa).unwrap();
+    exchange(&mut sb, &peer_a).unwrap();
+    let plan = diff::plan(&sb, &peer_a.id()).unwrap();
+    assert_eq!(plan.actions.len(), 1);
+    let old_path = p.b.join("old.bin");
+    let mtime = fs::metadata(&old_path).unwrap().modified().unwrap();
+    let mut changed = old.clone();
+    changed[1 << 20] ^= 0xff;
+    fs::write(&old_path, &changed).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&old_path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let merged = merge::apply(&fb, &mut sb, &peer_a, plan, &MergeOptions::default()).unwrap();
+    assert_eq!(merged.applied, 1);
+    assert_eq!(files(&p.b)["new.bin"], new);
+    // The appended MiB and the changed chunk came from A; the rest from old.bin.
+    assert!(merged.bytes_fetched > 1 << 20, "{}", merged.bytes_fetched);
+    assert!(merged.bytes_fetched < (1 << 20) + 3 * 256 * 1024);
+}
+
+#[test]
 fn a_moved_file_is_renamed_not_copied_and_a_copied_one_is_copied_locally() {
     let p = Pair::new();
     write(&p.a, "a.bin", &bytes(1 << 20, 1));
