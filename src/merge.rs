@@ -275,22 +275,28 @@ impl<'a> Builder<'a> {
     /// Copies a file of this folder that has the target's content; `None` if it
     /// no longer has it.
     fn copy_local(&mut self, source: &Entry, target: &Entry, temp: &Path) -> BuildOutcome {
-        let from = self.shared.root.join(&source.path);
-        let mut input = match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&from)
-        {
-            Ok(file) => file,
-            Err(_) => return Ok(None),
-        };
-        let meta = input.metadata().map_err(|e| Error::io(&from, e))?;
-        if !meta.is_file() || meta.size() != source.size || mtime_of(&meta) != source.mtime_ns {
+        let mut sources = LocalSources::default();
+        let Some(input) = sources.open(&self.shared.root, source)? else {
             return Ok(None);
-        }
-        let mut output = create_temp(temp)?;
-        let (copied, hash) = copy_hashing(&mut input, &from, &mut output, temp)?;
-        if copied != target.size || Some(hash) != target.hash {
+        };
+        let output = create_temp(temp)?;
+        // Copied unread (a clone where the file system can), then checked whole.
+        let copy = LocalRun {
+            source: input,
+            from: 0,
+            to: 0,
+            len: source.size,
+        };
+        let same = match copy.copy(&sources, &output, temp) {
+            Ok(()) => Some(hash_file(&output, temp)?) == target.hash,
+            // The source shrank while it was copied.
+            Err(Error::Io { source, .. }) if source.kind() == ErrorKind::UnexpectedEof => false,
+            Err(e) => {
+                let _ = fs::remove_file(temp);
+                return Err(e);
+            }
+        };
+        if !same {
             let _ = fs::remove_file(temp);
             return Ok(None);
         }
@@ -298,7 +304,7 @@ impl<'a> Builder<'a> {
         Ok(Some(Built {
             // The content is this folder's already: so is its chunk list.
             chunks: Vec::new(),
-            bytes_local: copied,
+            bytes_local: source.size,
             bytes_fetched: 0,
         }))
     }
