@@ -1145,7 +1145,12 @@ impl Peer for DevicePeer {
             .unwrap_or_default())
     }
 
-    fn read_chunk(&self, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
+    fn read_chunk(
+        &self,
+        _path: &str,
+        content: &Hash,
+        chunk: &ChunkInfo,
+    ) -> Result<Option<Vec<u8>>> {
         let Some(imported) = self.imports.get(content) else {
             return Ok(None);
         };

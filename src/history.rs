@@ -894,14 +894,15 @@ fn hash_column(row: &Row<'_>, index: usize) -> rusqlite::Result<Hash> {
     Hash::from_slice(&bytes).ok_or_else(|| bad_column(index, "hash"))
 }
 
+// Blobs are read in place (`get_ref`), not copied into a `Vec` first.
 fn peer_column(row: &Row<'_>, index: usize) -> rusqlite::Result<PeerId> {
-    let bytes: Vec<u8> = row.get(index)?;
-    PeerId::from_slice(&bytes).ok_or_else(|| bad_column(index, "peer id"))
+    let bytes = row.get_ref(index)?.as_blob()?;
+    PeerId::from_slice(bytes).ok_or_else(|| bad_column(index, "peer id"))
 }
 
 fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<Entry> {
-    let hash = match row.get::<_, Option<Vec<u8>>>(8)? {
-        Some(bytes) => Some(Hash::from_slice(&bytes).ok_or_else(|| bad_column(8, "hash"))?),
+    let hash = match row.get_ref(8)?.as_blob_or_null()? {
+        Some(bytes) => Some(Hash::from_slice(bytes).ok_or_else(|| bad_column(8, "hash"))?),
         None => None,
     };
     Ok(Entry {

@@ -405,7 +405,7 @@ impl<'a> Builder<'a> {
                     built.bytes_local += bytes.len() as u64;
                     bytes
                 }
-                _ => match peer.read_chunk(&content, chunk)? {
+                _ => match peer.read_chunk(&target.path, &content, chunk)? {
                     Some(bytes) if whole.is_some() || Hash::of(&bytes) == chunk.hash => {
                         built.bytes_fetched += bytes.len() as u64;
                         bytes

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::content::{ChunkInfo, Hash};
 use crate::device::PeerId;
 use crate::error::{Error, Result};
-use crate::folder::Folder;
+use crate::folder::{Folder, check_relative};
 use crate::history::{Entry, HistoryStore, Kind};
 
 /// `Sync`: the merger builds several files at once, each asking for chunks.
@@ -23,9 +23,10 @@ pub trait Peer: Sync {
     fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Entry>>;
     /// The chunk list of a content it announced (empty for an empty content).
     fn chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>>;
-    /// The bytes of `chunk`, which it announced as part of `content`; `None` when
-    /// it no longer holds them (the file changed since it was hashed).
-    fn read_chunk(&self, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>>;
+    /// The bytes of `chunk`, which it announced as part of `content` at `path`
+    /// (where to look first); `None` when it no longer holds them (the file
+    /// changed since it was hashed).
+    fn read_chunk(&self, path: &str, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>>;
 }
 
 /// Contents whose current holders [`FolderPeer`] remembers: a file of many chunks
@@ -64,6 +65,29 @@ impl FolderPeer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// `chunk` read at its offset in the file at `path`, if the bytes there are it.
+    fn read_at(&self, path: &str, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
+        if check_relative(path).is_err() {
+            return Ok(None);
+        }
+        let abs = self.root.join(path);
+        let file = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&abs)
+        {
+            Ok(file) => file,
+            Err(e) if is_gone(&e) => return Ok(None),
+            Err(e) => return Err(Error::io(&abs, e)),
+        };
+        let mut bytes = vec![0; chunk.len as usize];
+        match file.read_exact_at(&mut bytes, chunk.offset) {
+            Ok(()) => Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes)),
+            // A directory, a FIFO or a shorter file: not here.
+            Err(_) => Ok(None),
+        }
+    }
+
     fn holders_of(&self, content: &Hash) -> Result<Vec<Entry>> {
         let mut cache = self.holders.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(found) = cache.get(content) {
@@ -91,8 +115,13 @@ impl Peer for FolderPeer {
         self.store().chunks_of(content)
     }
 
-    fn read_chunk(&self, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
-        // Any current file with that content will do; then any file holding the chunk.
+    fn read_chunk(&self, path: &str, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
+        // Bytes that have the chunk's hash are the chunk, wherever they were read:
+        // the file at `path` first, without asking the history where it is.
+        if let Some(bytes) = self.read_at(path, chunk)? {
+            return Ok(Some(bytes));
+        }
+        // Then any current file with that content; then any file holding the chunk.
         for entry in self.holders_of(content)? {
             if let Some(bytes) = read_verified(&self.root, &entry, chunk.offset, chunk)? {
                 return Ok(Some(bytes));

@@ -448,6 +448,35 @@ fn paths_from_a_peer_that_escape_the_root_are_refused() {
 }
 
 #[test]
+fn a_folder_peer_reads_a_chunk_where_it_is_whatever_the_path_hint_says() {
+    let p = Pair::new();
+    let content = bytes(10_000, 21);
+    write(&p.a, "x.bin", &content);
+    p.converge();
+    let fa = Folder::open(&p.a).unwrap();
+    let peer = FolderPeer::open(&fa).unwrap();
+    let hash = latus::content::Hash::of(&content);
+    let chunk = latus::content::ChunkInfo {
+        hash,
+        offset: 0,
+        len: content.len() as u32,
+    };
+    for hint in ["x.bin", "gone.bin", "../outside.bin", "sub"] {
+        assert_eq!(
+            peer.read_chunk(hint, &hash, &chunk).unwrap().as_deref(),
+            Some(&content[..]),
+            "hint {hint}"
+        );
+    }
+    // Other bytes of the same size at the hinted path (and no other holder): not
+    // the chunk, whatever the path says.
+    let mut other = content.clone();
+    other[0] ^= 1;
+    fs::write(p.a.join("x.bin"), &other).unwrap();
+    assert_eq!(peer.read_chunk("x.bin", &hash, &chunk).unwrap(), None);
+}
+
+#[test]
 fn a_replaced_version_can_be_restored_from_the_trash() {
     let p = Pair::new();
     write(&p.a, "notes.txt", b"old notes");
