@@ -4,6 +4,7 @@
 //! Each entry gets the next per-folder sequence number, so a peer can ask for
 //! "everything after seq N" and never needs the whole index again.
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -383,21 +384,35 @@ impl HistoryStore {
 
     /// The current entry of every path ever recorded, deletions included.
     pub fn latest_all(&self) -> Result<Vec<Entry>> {
-        let sql = format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries \
-             WHERE seq IN (SELECT MAX(seq) FROM entries GROUP BY path)"
-        );
-        self.query_entries(&sql, [])
+        self.latest_of_each_path()
     }
 
     /// The current entry of every path that exists (its latest entry is not a
     /// deletion): what a rescan compares the disk with.
     pub fn latest_existing(&self) -> Result<Vec<Entry>> {
-        let sql = format!(
-            "SELECT {ENTRY_COLUMNS} FROM entries \
-             WHERE seq IN (SELECT MAX(seq) FROM entries GROUP BY path) AND kind != 3"
-        );
-        self.query_entries(&sql, [])
+        let mut latest = self.latest_of_each_path()?;
+        latest.retain(|e| e.kind != Kind::Deleted);
+        Ok(latest)
+    }
+
+    /// The latest entry of each path, in sequence order: one pass over the table
+    /// in its own order, keeping the last entry seen of each path. (Asking SQLite
+    /// for each path's maximum walks the path index and then looks each row up:
+    /// twice the time, and random reads on a cold cache.)
+    fn latest_of_each_path(&self) -> Result<Vec<Entry>> {
+        let sql = format!("SELECT {ENTRY_COLUMNS} FROM entries ORDER BY seq");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], entry_from_row)
+            .map_err(|e| self.err(e))?;
+        let mut latest: HashMap<String, Entry> = HashMap::new();
+        for row in rows {
+            let entry = row.map_err(|e| self.err(e))?;
+            latest.insert(entry.path.clone(), entry);
+        }
+        let mut latest: Vec<Entry> = latest.into_values().collect();
+        latest.sort_unstable_by_key(|e| e.seq);
+        Ok(latest)
     }
 
     /// The files whose current content has `hash` (for move/copy detection and

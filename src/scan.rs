@@ -310,9 +310,14 @@ pub(crate) fn folder_walker(
     root: &Path,
     on_bad_name: impl Fn(&str) + Send + Sync + 'static,
 ) -> ignore::Walk {
+    folder_walk(root, on_bad_name).build()
+}
+
+/// The walk [`folder_walker`] runs, to build in turn or in parallel.
+fn folder_walk(root: &Path, on_bad_name: impl Fn(&str) + Send + Sync + 'static) -> WalkBuilder {
     let shown_root = root.to_path_buf();
-    WalkBuilder::new(root)
-        .standard_filters(false)
+    let mut walk = WalkBuilder::new(root);
+    walk.standard_filters(false)
         .add_custom_ignore_filename(IGNORE_FILE)
         .follow_links(false)
         .filter_entry(move |entry| {
@@ -338,8 +343,8 @@ pub(crate) fn folder_walker(
                 return false;
             }
             true
-        })
-        .build()
+        });
+    walk
 }
 
 /// One entry found by the walk, stat'ed.
@@ -349,28 +354,37 @@ struct Walked {
     meta: Metadata,
 }
 
-/// Entries stat'ed together. On a cold cache each stat waits on the disk; with
-/// several in flight a walk of 20k files takes half the time.
-const STAT_WINDOW: usize = 256;
+/// What a walking thread found.
+enum Found {
+    Entry(Walked),
+    Skipped { path: String, reason: String },
+}
 
-/// Walks the folder and sends what changed. The history's current entries load on
-/// another thread meanwhile (`known`); entries walked before they arrive wait in a
-/// queue, so the walk and the load overlap.
+/// Walks the folder and sends what changed. Directories are read and entries
+/// stat'ed by `walk_threads` threads at once: on a cold cache each waits on the
+/// disk, and with several reads in flight a walk of 20k files takes half the
+/// time. Entries arrive in no particular order; each is compared on its own.
+/// The history's current entries load on another thread meanwhile (`known`);
+/// entries walked before they arrive wait in a queue, so the walk and the load
+/// overlap.
 fn walk(
     shared: &Shared<'_>,
     known: ScopedJoinHandle<'_, Result<HashMap<String, Entry>>>,
-    stat_threads: usize,
+    walk_threads: usize,
     jobs: &Sender<HashJob>,
     changes: &Sender<(Change, Record)>,
     summary: &mut ScanSummary,
 ) -> Result<HashMap<String, Entry>> {
     let warnings = Arc::clone(&shared.warnings);
-    let walker = folder_walker(shared.root, move |shown| {
+    let mut walker = folder_walk(shared.root, move |shown| {
         warnings.add(
             shown,
             "name is not valid UTF-8; not recorded (rename it to sync it)",
         );
     });
+    walker.threads(walk_threads);
+    let (found_tx, found_rx) = bounded::<Found>(1024);
+    let root = shared.root;
 
     let join_known = |known: ScopedJoinHandle<'_, Result<HashMap<String, Entry>>>| {
         known
@@ -381,43 +395,31 @@ fn walk(
     let mut previous = None;
     let mut queued = Vec::new();
     let now = now_ns();
-    let mut walker = walker.peekable();
-    while walker.peek().is_some() {
-        let mut window = Vec::with_capacity(STAT_WINDOW);
-        for item in walker.by_ref() {
-            let dirent = match item {
-                Ok(dirent) => dirent,
-                Err(err) => {
-                    // An unreadable directory: what it held stays in the history as it
-                    // was (deletion needs proof of absence, see `record_deletions`).
-                    let (path, reason) = describe_walk_error(shared.root, &err);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            walker.build_parallel().run(|| {
+                let found_tx = found_tx.clone();
+                Box::new(move |item| {
+                    let sent = visit(root, item).map(|found| found_tx.send(found).is_ok());
+                    match sent {
+                        // The scan stopped: stop walking.
+                        Some(false) => ignore::WalkState::Quit,
+                        _ => ignore::WalkState::Continue,
+                    }
+                })
+            })
+        });
+        for found in found_rx {
+            let walked = match found {
+                Found::Entry(walked) => walked,
+                Found::Skipped { path, reason } => {
                     shared.skip(&path, reason);
                     continue;
                 }
             };
-            if dirent.depth() == 0 {
-                continue;
-            }
             if let Some(observer) = &shared.observer {
                 observer.entry_walked();
             }
-            let Some(rel) = relative(shared.root, dirent.path()) else {
-                continue; // filtered above
-            };
-            window.push((rel, dirent.into_path()));
-            if window.len() == STAT_WINDOW {
-                break;
-            }
-        }
-        for (rel, path, meta) in stat_all(window, stat_threads) {
-            let meta = match meta {
-                Ok(meta) => meta,
-                Err(e) => {
-                    shared.skip(&rel, format!("cannot stat: {e}"));
-                    continue;
-                }
-            };
-            let walked = Walked { rel, path, meta };
             if known.as_ref().is_some_and(|k| k.is_finished())
                 && let Some(handle) = known.take()
             {
@@ -434,7 +436,8 @@ fn walk(
                 None => queued.push(walked),
             }
         }
-    }
+        Ok::<(), Error>(())
+    })?;
     let mut previous = match (previous, known) {
         (Some(previous), _) => previous,
         (None, Some(handle)) => join_known(handle)?,
@@ -446,54 +449,32 @@ fn walk(
     Ok(previous)
 }
 
-/// `lstat` of each path, in the given order, by up to `threads` threads at once.
-fn stat_all(
-    window: Vec<(String, PathBuf)>,
-    threads: usize,
-) -> Vec<(String, PathBuf, std::io::Result<Metadata>)> {
-    let threads = threads.min(window.len() / 16).max(1);
-    if threads == 1 {
-        return window
-            .into_iter()
-            .map(|(rel, path)| {
-                let meta = fs::symlink_metadata(&path);
-                (rel, path, meta)
-            })
-            .collect();
+/// One item of the walk, stat'ed (on the walking thread); `None` for the root.
+fn visit(root: &Path, item: std::result::Result<ignore::DirEntry, ignore::Error>) -> Option<Found> {
+    let dirent = match item {
+        Ok(dirent) => dirent,
+        Err(err) => {
+            // An unreadable directory: what it held stays in the history as it was
+            // (deletion needs proof of absence, see `record_deletions`).
+            let (path, reason) = describe_walk_error(root, &err);
+            return Some(Found::Skipped { path, reason });
+        }
+    };
+    if dirent.depth() == 0 {
+        return None;
     }
-    let metas: Vec<Vec<std::io::Result<Metadata>>> = std::thread::scope(|scope| {
-        let window = &window;
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                // Interleaved, so that all threads read neighbouring inodes at once.
-                scope.spawn(move || {
-                    (t..window.len())
-                        .step_by(threads)
-                        .map(|i| fs::symlink_metadata(&window[i].1))
-                        .collect()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    vec![] // a panicked stat thread: its entries are reported as not stat'ed
-                })
-            })
-            .collect()
-    });
-    let mut metas: Vec<_> = metas.into_iter().map(Vec::into_iter).collect();
-    window
-        .into_iter()
-        .enumerate()
-        .map(|(i, (rel, path))| {
-            let meta = metas[i % threads]
-                .next()
-                .unwrap_or_else(|| Err(std::io::Error::other("the stat thread stopped")));
-            (rel, path, meta)
-        })
-        .collect()
+    let rel = relative(root, dirent.path())?; // names that are not UTF-8: filtered above
+    Some(match fs::symlink_metadata(dirent.path()) {
+        Ok(meta) => Found::Entry(Walked {
+            rel,
+            path: dirent.into_path(),
+            meta,
+        }),
+        Err(e) => Found::Skipped {
+            path: rel,
+            reason: format!("cannot stat: {e}"),
+        },
+    })
 }
 
 /// Compares one walked entry with its previous version (taken out of `previous`,
