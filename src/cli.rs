@@ -1,4 +1,5 @@
-//! Command-line interface: `latus init`, `scan`, `log`, `sync`, `trash`.
+//! Command-line interface: `latus init`, `id`, `scan`, `log`, `sync`, `trash`,
+//! `peer`, `folder`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -12,11 +13,12 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use latus::device::Home;
+use latus::device::{Home, PeerId};
 use latus::device_sync;
 use latus::folder::Folder;
 use latus::history::{Entry, HistoryStore, Kind};
 use latus::scan::{self, ScanObserver, ScanOptions, ScanSummary};
+use latus::shares::Shares;
 use latus::sync::{self as local_sync, SyncOptions, SyncReport};
 use latus::trash;
 
@@ -104,6 +106,56 @@ enum Command {
         #[command(subcommand)]
         command: TrashCommand,
     },
+    /// Print this device's peer id (the hash of its certificate, made by `latus init`).
+    Id {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The peers this device knows: only they may connect, each pinned by its id.
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
+    /// The folders this device syncs, and the peers each is shared with.
+    Folder {
+        #[command(subcommand)]
+        command: FolderCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Add a peer by its id (as `latus id` prints it on that device), or add a name
+    /// or addresses to a known one.
+    Add {
+        peer_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to reach it, HOST:PORT (repeatable).
+        #[arg(long = "addr", value_name = "HOST:PORT")]
+        addrs: Vec<String>,
+    },
+    /// List the known peers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a peer; the folders shared with it are no longer.
+    Remove { peer_id: String },
+}
+
+#[derive(Subcommand)]
+enum FolderCommand {
+    /// Add a folder: FOLDER_ID names it on every device of the group, PATH is
+    /// where it is on this one.
+    Add { folder_id: String, path: PathBuf },
+    /// Share a folder with a known peer: it may then see and change it.
+    Share { folder_id: String, peer_id: String },
+    /// List the folders and the peers each is shared with.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +241,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             return sync_folders(&a, &b, target, &options, json);
         }
         Command::Trash { command } => trash_command(command),
+        Command::Id { json } => print_id(&home, json),
+        Command::Peer { command } => peer_command(&home, command),
+        Command::Folder { command } => folder_command(&home, command),
     }?;
     Ok(ExitCode::SUCCESS)
 }
@@ -322,6 +377,84 @@ fn init(home: &Home, json: bool) -> Result<()> {
             "device {id} ({what}, state in {})",
             home.config_dir.display()
         );
+    }
+    Ok(())
+}
+
+fn print_id(home: &Home, json: bool) -> Result<()> {
+    let id = home.identity()?.peer_id();
+    if json {
+        println!("{}", serde_json::json!({ "peer_id": id.to_string() }));
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+fn parse_peer_id(text: &str) -> Result<PeerId> {
+    Ok(text.parse::<PeerId>()?)
+}
+
+fn peer_command(home: &Home, command: PeerCommand) -> Result<()> {
+    let shares = Shares::open(&home.data_dir)?;
+    match command {
+        PeerCommand::Add {
+            peer_id,
+            name,
+            addrs,
+        } => {
+            let id = parse_peer_id(&peer_id)?;
+            anyhow::ensure!(
+                home.peer_id()? != Some(id),
+                "{id} is this device's own id: add the id another device's `latus id` prints"
+            );
+            let peer = shares.add_peer(&id, name.as_deref(), &addrs)?;
+            println!("peer {} ({})", peer.id, peer.name);
+        }
+        PeerCommand::List { json } => {
+            let peers = shares.peers()?;
+            if json {
+                println!("{}", serde_json::to_string(&peers)?);
+            } else {
+                for peer in &peers {
+                    println!("{}  {}  {}", peer.id, peer.name, peer.addrs.join(" "));
+                }
+            }
+        }
+        PeerCommand::Remove { peer_id } => {
+            let id = parse_peer_id(&peer_id)?;
+            anyhow::ensure!(shares.remove_peer(&id)?, "peer {id} is not known");
+            println!("removed peer {id}");
+        }
+    }
+    Ok(())
+}
+
+fn folder_command(home: &Home, command: FolderCommand) -> Result<()> {
+    let shares = Shares::open(&home.data_dir)?;
+    match command {
+        FolderCommand::Add { folder_id, path } => {
+            let folder = shares.add_folder(&folder_id, &path)?;
+            println!("folder {} at {}", folder.id, folder.path.display());
+        }
+        FolderCommand::Share { folder_id, peer_id } => {
+            let id = parse_peer_id(&peer_id)?;
+            shares.share(&folder_id, &id)?;
+            println!("folder {folder_id} shared with {id}");
+        }
+        FolderCommand::List { json } => {
+            let folders = shares.folders()?;
+            if json {
+                println!("{}", serde_json::to_string(&folders)?);
+            } else {
+                for folder in &folders {
+                    println!("{}  {}", folder.id, folder.path.display());
+                    for peer in &folder.peers {
+                        println!("  shared with {peer}");
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

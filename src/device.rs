@@ -1,21 +1,20 @@
-//! Per-device state: where it lives (`--home`, `LATUS_HOME`, XDG dirs), the device's
-//! peer id and its config file.
+//! Per-device state: where it lives (`--home`, `LATUS_HOME`, XDG dirs), peer ids
+//! and their readable form, and the config file.
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::identity::Identity;
 
-const PEER_ID_FILE: &str = "peer_id";
 const CONFIG_FILE: &str = "config.toml";
 
-/// A device's identity. For now 32 random bytes; a later issue derives it from the
-/// device certificate.
+/// 32 bytes naming a device (the BLAKE3 hash of its certificate, see
+/// [`crate::identity`]) or a folder replica (random).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerId(pub [u8; 32]);
 
@@ -29,6 +28,11 @@ impl PeerId {
         Ok(PeerId(bytes))
     }
 
+    /// The id of the device whose certificate (DER) this is.
+    pub fn of_certificate(cert_der: &[u8]) -> Self {
+        PeerId(*blake3::hash(cert_der).as_bytes())
+    }
+
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
         Some(PeerId(bytes.try_into().ok()?))
     }
@@ -39,17 +43,39 @@ impl PeerId {
     }
 }
 
-/// Readable form: unpadded base32 (no 0/1/8/9 look-alikes), in four dash-separated groups.
+/// Readable form: unpadded base32 (no 0/1/8/9 look-alikes) in four dash-separated
+/// groups of 13 characters, each followed by a check character (Luhn mod 32), so a
+/// mistyped id is refused rather than trusted.
 impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let encoded = data_encoding::BASE32_NOPAD.encode(&self.0);
-        let groups: Vec<&str> = encoded
+        let groups: Vec<String> = encoded
             .as_bytes()
-            .chunks(13)
-            .map(|g| std::str::from_utf8(g).unwrap_or_default())
+            .chunks(GROUP)
+            .map(|g| {
+                let group = std::str::from_utf8(g).unwrap_or_default();
+                format!("{group}{}", luhn32(group) as char)
+            })
             .collect();
         f.write_str(&groups.join("-"))
     }
+}
+
+/// Base32 characters per group of the readable form.
+const GROUP: usize = 13;
+const BASE32_ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+/// The Luhn mod 32 check character of a group of base32 characters.
+fn luhn32(group: &str) -> u8 {
+    let mut sum = 0;
+    let mut factor = 2;
+    for c in group.bytes().rev() {
+        let code = BASE32_ALPHABET.iter().position(|a| *a == c).unwrap_or(0);
+        let addend = factor * code;
+        factor = if factor == 2 { 1 } else { 2 };
+        sum += addend / 32 + addend % 32;
+    }
+    BASE32_ALPHABET[(32 - sum % 32) % 32]
 }
 
 impl fmt::Debug for PeerId {
@@ -58,6 +84,8 @@ impl fmt::Debug for PeerId {
     }
 }
 
+/// Accepts the readable form, in any case, with or without dashes; its check
+/// characters must be right. The 52 characters without checks are accepted too.
 impl FromStr for PeerId {
     type Err = Error;
 
@@ -67,8 +95,25 @@ impl FromStr for PeerId {
             .filter(|c| *c != '-' && !c.is_whitespace())
             .map(|c| c.to_ascii_uppercase())
             .collect();
+        let base32 = match compact.len() {
+            len if len == 4 * (GROUP + 1) && compact.is_ascii() => {
+                let mut base32 = String::new();
+                for checked in compact.as_bytes().chunks(GROUP + 1) {
+                    let group = std::str::from_utf8(&checked[..GROUP]).unwrap_or_default();
+                    if luhn32(group) != checked[GROUP] {
+                        return Err(Error::InvalidPeerId(
+                            s.to_string(),
+                            "a check character does not match (a typo?)",
+                        ));
+                    }
+                    base32.push_str(group);
+                }
+                base32
+            }
+            _ => compact,
+        };
         let bytes = data_encoding::BASE32_NOPAD
-            .decode(compact.as_bytes())
+            .decode(base32.as_bytes())
             .map_err(|_| Error::InvalidPeerId(s.to_string(), "not base32"))?;
         PeerId::from_slice(&bytes).ok_or(Error::InvalidPeerId(s.to_string(), "not 32 bytes"))
     }
@@ -129,48 +174,27 @@ impl Home {
         })
     }
 
-    fn peer_id_path(&self) -> PathBuf {
-        self.config_dir.join(PEER_ID_FILE)
-    }
-
     /// The device's peer id, if `init` has run.
     pub fn peer_id(&self) -> Result<Option<PeerId>> {
-        let path = self.peer_id_path();
-        match fs::read_to_string(&path) {
-            Ok(text) => text
-                .trim()
-                .parse::<PeerId>()
-                .map(Some)
-                .map_err(|e| Error::DeviceState {
-                    path,
-                    reason: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(path, e)),
-        }
+        Ok(Identity::load(&self.config_dir)?.map(|identity| identity.peer_id()))
     }
 
-    /// Creates the state directories and the peer id unless they exist; returns the
-    /// peer id and whether it was created now.
+    /// Creates the state directories and the device's identity unless they exist;
+    /// returns the peer id and whether it was created now.
     pub fn init(&self) -> Result<(PeerId, bool)> {
-        if let Some(id) = self.peer_id()? {
-            return Ok((id, false));
-        }
         for dir in [&self.config_dir, &self.data_dir] {
             fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let id = PeerId::random()?;
-        let path = self.peer_id_path();
-        // Written to a temp file and renamed so a crash never leaves a half-written id.
-        let tmp = self.config_dir.join(format!(".{PEER_ID_FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            writeln!(f, "{id}")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| Error::io(&path, e))?;
-        Ok((id, true))
+        let (identity, created) = Identity::load_or_create(&self.config_dir)?;
+        Ok((identity.peer_id(), created))
+    }
+
+    /// The device's identity; an error telling to run `latus init` if there is none.
+    pub fn identity(&self) -> Result<Identity> {
+        Identity::load(&self.config_dir)?.ok_or_else(|| Error::DeviceState {
+            path: self.config_dir.clone(),
+            reason: "this device has no identity yet: run `latus init`".into(),
+        })
     }
 
     pub fn config(&self) -> Result<Config> {
@@ -194,7 +218,7 @@ mod tests {
     fn peer_id_round_trips_through_its_readable_form() {
         let id = PeerId::random().unwrap();
         let text = id.to_string();
-        assert_eq!(text.len(), 52 + 3);
+        assert_eq!(text.len(), 56 + 3);
         assert_eq!(text.parse::<PeerId>().unwrap(), id);
         assert_eq!(
             text.to_lowercase()
@@ -204,6 +228,21 @@ mod tests {
             id
         );
         assert!("not-a-peer".parse::<PeerId>().is_err());
+        // Without the check characters it is still the same id.
+        let unchecked: String = text.split('-').map(|group| &group[..GROUP]).collect();
+        assert_eq!(unchecked.parse::<PeerId>().unwrap(), id);
+    }
+
+    #[test]
+    fn a_mistyped_peer_id_is_refused() {
+        let text = PeerId::random().unwrap().to_string();
+        for at in [0, 5, 20, 58] {
+            let mut typo = text.clone().into_bytes();
+            typo[at] = if typo[at] == b'A' { b'B' } else { b'A' };
+            let typo = String::from_utf8(typo).unwrap();
+            let err = typo.parse::<PeerId>().unwrap_err();
+            assert!(err.to_string().contains("check"), "{typo}: {err}");
+        }
     }
 
     #[test]

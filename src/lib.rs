@@ -6,7 +6,8 @@
 //! [`sync`] runs that loop between two local folders (`latus sync A B`);
 //! [`device_sync`] syncs a folder with a dumb device (`latus sync --device`).
 //! [`content`] cuts and hashes file content, [`folder`] owns a synced root and its
-//! `.latus/` directory, [`device`] owns the per-device state (`$LATUS_HOME`).
+//! `.latus/` directory, [`device`] owns the per-device state (`$LATUS_HOME`) and
+//! [`identity`] its certificate, whose hash is its peer id.
 
 pub mod content;
 pub mod device;
@@ -15,9 +16,11 @@ pub mod diff;
 pub mod error;
 pub mod folder;
 pub mod history;
+pub mod identity;
 pub mod merge;
 pub mod peer;
 pub mod scan;
+pub mod shares;
 pub mod sync;
 pub mod throttle;
 pub mod trash;
