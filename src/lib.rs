@@ -18,6 +18,7 @@ pub mod folder;
 pub mod history;
 pub mod identity;
 pub mod merge;
+pub mod net;
 pub mod peer;
 pub mod scan;
 pub mod shares;
