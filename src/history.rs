@@ -132,7 +132,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn code(self) -> i64 {
+    pub fn code(self) -> i64 {
         match self {
             Kind::File => 0,
             Kind::Dir => 1,
@@ -141,7 +141,7 @@ impl Kind {
         }
     }
 
-    fn from_code(code: i64) -> Option<Self> {
+    pub fn from_code(code: i64) -> Option<Self> {
         Some(match code {
             0 => Kind::File,
             1 => Kind::Dir,

@@ -276,7 +276,7 @@ fn db_error(path: &Path, e: rusqlite::Error) -> Error {
 
 /// A folder id: what every device of a group calls the folder. Letters, digits,
 /// `.`, `_` and `-`, at most 64, starting with a letter or digit (never `..`).
-fn check_folder_id(id: &str) -> Result<()> {
+pub fn check_folder_id(id: &str) -> Result<()> {
     let ok = id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && id.len() <= 64
         && id

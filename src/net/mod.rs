@@ -1,3 +1,5 @@
-//! Peers over the network: mutual TLS with pinned peer ids ([`tls`]).
+//! Peers over the network: mutual TLS with pinned peer ids ([`tls`]), the framed
+//! protocol spoken over it ([`protocol`]).
 
+pub mod protocol;
 pub mod tls;
