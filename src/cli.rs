@@ -106,6 +106,20 @@ enum Command {
         #[command(subcommand)]
         command: TrashCommand,
     },
+    /// Keep this device's folders in sync with its peers, continuously, until
+    /// Ctrl-C or SIGTERM (listens for known peers and dials those with addresses).
+    Serve {
+        /// Address to listen on; port 0 picks a free port (written to serve.addr
+        /// in the data directory).
+        #[arg(long, value_name = "HOST:PORT", default_value = latus::daemon::DEFAULT_LISTEN)]
+        listen: String,
+        /// Seconds between two rescans of each folder.
+        #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+        interval: f64,
+        /// Go on even when more than half of a folder's files would be deleted.
+        #[arg(long)]
+        allow_mass_delete: bool,
+    },
     /// Print this device's peer id (the hash of its certificate, made by `latus init`).
     Id {
         #[arg(long)]
@@ -218,21 +232,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             threads,
         } => {
             let config = home.config()?;
-            let mut options = SyncOptions {
+            let options = SyncOptions {
                 dry_run,
                 allow_mass_delete,
                 scan: scan_options(&config, max_read_mbps, threads)?,
-                ..SyncOptions::default()
+                ..sync_options(&config)
             };
-            if let Some(percent) = config.sync.mass_delete_percent {
-                options.mass_delete_percent = percent;
-            }
-            if let Some(files) = config.sync.mass_delete_min_files {
-                options.mass_delete_min_files = files;
-            }
-            if let Some(days) = config.sync.trash_keep_days {
-                options.trash_keep_days = days;
-            }
             let target = match (device, one_way) {
                 (false, _) => Target::Folder,
                 (true, false) => Target::Device,
@@ -242,6 +247,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Command::Trash { command } => trash_command(command),
         Command::Id { json } => print_id(&home, json),
+        Command::Serve {
+            listen,
+            interval,
+            allow_mass_delete,
+        } => serve(&home, listen, interval, allow_mass_delete),
         Command::Peer { command } => peer_command(&home, command),
         Command::Folder { command } => folder_command(&home, command),
     }?;
@@ -378,6 +388,39 @@ fn init(home: &Home, json: bool) -> Result<()> {
             home.config_dir.display()
         );
     }
+    Ok(())
+}
+
+/// The sync settings of `config.toml`, over the defaults.
+fn sync_options(config: &latus::device::Config) -> SyncOptions {
+    let mut options = SyncOptions::default();
+    if let Some(percent) = config.sync.mass_delete_percent {
+        options.mass_delete_percent = percent;
+    }
+    if let Some(files) = config.sync.mass_delete_min_files {
+        options.mass_delete_min_files = files;
+    }
+    if let Some(days) = config.sync.trash_keep_days {
+        options.trash_keep_days = days;
+    }
+    options
+}
+
+fn serve(home: &Home, listen: String, interval: f64, allow_mass_delete: bool) -> Result<()> {
+    anyhow::ensure!(
+        interval.is_finite() && interval > 0.0,
+        "--interval must be a positive number of seconds"
+    );
+    let config = home.config()?;
+    let options = latus::daemon::ServeOptions {
+        listen,
+        interval: Duration::from_secs_f64(interval),
+        sync: SyncOptions {
+            allow_mass_delete,
+            ..sync_options(&config)
+        },
+    };
+    latus::daemon::serve(home, options)?;
     Ok(())
 }
 

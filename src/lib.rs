@@ -10,6 +10,7 @@
 //! [`identity`] its certificate, whose hash is its peer id.
 
 pub mod content;
+pub mod daemon;
 pub mod device;
 pub mod device_sync;
 pub mod diff;

@@ -252,8 +252,13 @@ fn scan_folder(
 
 /// Receives the peer's history entries after the last one received.
 pub fn exchange(store: &mut HistoryStore, peer: &FolderPeer) -> Result<()> {
+    exchange_with(store, peer, peer.root().to_str())
+}
+
+/// Receives the entries of any peer after the last one received; `root` is
+/// where a local peer's folder is (to tell an unmounted drive later).
+pub fn exchange_with(store: &mut HistoryStore, peer: &dyn Peer, root: Option<&str>) -> Result<()> {
     let id = peer.id();
-    let root = peer.root().to_str();
     let mut last = store.remote_state(&id)?.map_or(0, |(seq, _)| seq);
     loop {
         let batch = peer.changes_since(last, EXCHANGE_BATCH)?;
@@ -310,7 +315,7 @@ fn prepare_root(root: &Path, other: &Path) -> Result<PathBuf> {
     absolute.canonicalize().map_err(|e| Error::io(&absolute, e))
 }
 
-fn check_mass_delete(
+pub(crate) fn check_mass_delete(
     folder: &Folder,
     store: &HistoryStore,
     plan: &Plan,

@@ -1,0 +1,572 @@
+//! `latus serve`: keeps this device's folders in sync with its peers over the
+//! network, continuously. It listens for known peers (mutual TLS, pinned ids),
+//! dials those it has addresses for (with backoff), and runs one sync loop per
+//! folder: scan, receive each connected peer's new history entries, plan, and
+//! apply, reading the content it lacks from that peer. Each side pulls what the
+//! other changed, so changes travel both ways.
+//!
+//! Not yet here: the file-system watcher (folders are rescanned every
+//! `interval`), a persistent chunk store that resumes a transfer killed midway,
+//! and `latus status`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+
+use crate::content::{ChunkInfo, Hash};
+use crate::device::{Home, PeerId};
+use crate::diff;
+use crate::error::{Error, Result};
+use crate::folder::Folder;
+use crate::history::{Entry, HistoryStore};
+use crate::identity::Identity;
+use crate::merge::{self, MergeOptions};
+use crate::net::conn::{self, Connection, RequestHandler};
+use crate::net::protocol::{
+    MAX_ENTRIES, MAX_FRAME, Message, Request, Response, VERSION, WireChunk, WireEntry,
+};
+use crate::net::tls::{self, Allowed};
+use crate::peer::{FolderPeer, Peer};
+use crate::scan::{self, ScanOptions};
+use crate::shares::{SharedFolder, Shares};
+use crate::sync::{self as local_sync, SyncOptions};
+
+/// The file in the data directory that holds the address `latus serve` listens on.
+pub const ADDR_FILE: &str = "serve.addr";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:22400";
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+pub struct ServeOptions {
+    pub listen: String,
+    /// Time between two rescans of a folder (until the watcher comes).
+    pub interval: Duration,
+    pub sync: SyncOptions,
+}
+
+/// What the listener, the dialers and the folder loops share.
+struct Daemon {
+    identity: Identity,
+    name: String,
+    data_dir: PathBuf,
+    allowed: Allowed,
+    folders: RwLock<Vec<SharedFolder>>,
+    connections: Mutex<HashMap<PeerId, Vec<Arc<Connection>>>>,
+    /// Folder sources answering peers' requests, one per folder id.
+    sources: Mutex<HashMap<String, Arc<FolderPeer>>>,
+    /// This device's replica id of each folder (the author of its versions).
+    replicas: RwLock<HashMap<String, PeerId>>,
+    /// Set when a folder should be synced again soon (a peer said it changed).
+    wake: (Mutex<bool>, Condvar),
+    stop: AtomicBool,
+}
+
+/// Runs until Ctrl-C or SIGTERM.
+pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
+    let identity = home.identity()?;
+    let shares = Shares::open(&home.data_dir)?;
+    let peers = shares.peers()?;
+    let daemon = Arc::new(Daemon {
+        name: hostname(),
+        data_dir: home.data_dir.clone(),
+        allowed: Arc::new(RwLock::new(peers.iter().map(|p| p.id).collect())),
+        folders: RwLock::new(shares.folders()?),
+        connections: Mutex::new(HashMap::new()),
+        sources: Mutex::new(HashMap::new()),
+        replicas: RwLock::new(HashMap::new()),
+        wake: (Mutex::new(false), Condvar::new()),
+        stop: AtomicBool::new(false),
+        identity,
+    });
+    tracing::info!("device {}", daemon.identity.peer_id());
+    // Each folder's history (and replica id) exists before a peer hears of it.
+    for folder in daemon
+        .folders
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        if let Err(e) = daemon.prepare(folder) {
+            tracing::warn!("folder {}: {e}", folder.id);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("tokio runtime", e))?;
+    let listener = runtime
+        .block_on(TcpListener::bind(&options.listen))
+        .map_err(|e| Error::io(&options.listen, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::io(&options.listen, e))?;
+    tracing::info!("listening on {bound}");
+    let addr_file = home.data_dir.join(ADDR_FILE);
+    std::fs::write(&addr_file, format!("{bound}\n")).map_err(|e| Error::io(&addr_file, e))?;
+
+    runtime.spawn(accept_loop(Arc::clone(&daemon), listener));
+    for peer in peers.into_iter().filter(|p| !p.addrs.is_empty()) {
+        runtime.spawn(dial_loop(Arc::clone(&daemon), peer.id, peer.addrs));
+    }
+    let syncer = {
+        let (daemon, handle) = (Arc::clone(&daemon), runtime.handle().clone());
+        std::thread::spawn(move || sync_loop(&daemon, &handle, &options))
+    };
+    runtime.block_on(shutdown_signal());
+    tracing::info!("stopping");
+    daemon.stop.store(true, Ordering::Relaxed);
+    daemon.wake_up();
+    // The round under way finishes its file (every placement is atomic).
+    let _ = syncer.join();
+    let _ = std::fs::remove_file(&addr_file);
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty() && h.len() <= 64)
+        .unwrap_or_else(|| "latus".into())
+}
+
+impl Daemon {
+    fn wake_up(&self) {
+        let (flag, condvar) = &self.wake;
+        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        condvar.notify_all();
+    }
+
+    /// Waits until woken or `timeout` passes.
+    fn sleep(&self, timeout: Duration) {
+        let (flag, condvar) = &self.wake;
+        let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut woken, _) = condvar
+            .wait_timeout_while(guard, timeout, |woken| !*woken)
+            .unwrap_or_else(|p| p.into_inner());
+        *woken = false;
+    }
+
+    /// The hello for `peer`: the folders shared with it, with this side's replica ids.
+    fn hello_for(&self, peer: &PeerId) -> Message {
+        let replicas = self.replicas.read().unwrap_or_else(|p| p.into_inner());
+        let folders = self
+            .folders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|f| f.peers.contains(peer))
+            .filter_map(|f| Some((f.id.clone(), replicas.get(&f.id)?.0)))
+            .collect();
+        Message::Hello {
+            version: VERSION,
+            name: self.name.clone(),
+            folders,
+        }
+    }
+
+    /// Makes the folder's `.latus/` and history if missing; notes its replica id.
+    fn prepare(&self, folder: &SharedFolder) -> Result<()> {
+        let opened = Folder::open_or_create(&folder.path)?;
+        let replica = HistoryStore::open(&opened.history_path())?.replica_id()?;
+        self.replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(folder.id.clone(), replica);
+        Ok(())
+    }
+
+    /// The chunk and history source of a folder, opened once.
+    fn source(&self, folder: &SharedFolder) -> Result<Arc<FolderPeer>> {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(source) = sources.get(&folder.id) {
+            return Ok(Arc::clone(source));
+        }
+        let source = Arc::new(FolderPeer::open(&Folder::open(&folder.path)?)?);
+        sources.insert(folder.id.clone(), Arc::clone(&source));
+        Ok(source)
+    }
+
+    fn shared_folder(&self, peer: &PeerId, id: &str) -> Option<SharedFolder> {
+        self.folders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|f| f.id == id && f.peers.contains(peer))
+            .cloned()
+    }
+
+    fn add_connection(&self, connection: Arc<Connection>) {
+        tracing::info!("connected to {} ({})", connection.name, connection.peer);
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let list = connections.entry(connection.peer).or_default();
+        list.retain(|c| !c.is_closed());
+        list.push(connection);
+        drop(connections);
+        self.wake_up();
+    }
+
+    fn is_connected(&self, peer: &PeerId) -> bool {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .is_some_and(|list| list.iter().any(|c| !c.is_closed()))
+    }
+
+    /// A live connection to each peer that shares `folder` with this device.
+    fn connections_for(&self, folder: &SharedFolder) -> Vec<Arc<Connection>> {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        folder
+            .peers
+            .iter()
+            .filter_map(|peer| {
+                connections
+                    .get(peer)?
+                    .iter()
+                    .find(|c| !c.is_closed() && c.folders.contains_key(&folder.id))
+                    .cloned()
+            })
+            .collect()
+    }
+}
+
+impl RequestHandler for Daemon {
+    fn answer(&self, peer: &PeerId, request: Request) -> Response {
+        let folder_id = match &request {
+            Request::ChangesSince { folder, .. }
+            | Request::ChunksOf { folder, .. }
+            | Request::ReadChunk { folder, .. } => folder.clone(),
+        };
+        let Some(folder) = self.shared_folder(peer, &folder_id) else {
+            tracing::warn!(
+                "peer {peer} asked for folder {folder_id:?}, which is not shared with it"
+            );
+            return Response::Refused(format!("folder {folder_id:?} is not shared with you"));
+        };
+        let answer = || -> Result<Response> {
+            let source = self.source(&folder)?;
+            Ok(match request {
+                Request::ChangesSince { seq, limit, .. } => {
+                    let limit = limit.clamp(1, MAX_ENTRIES) as usize;
+                    let mut entries = source.changes_since(seq, limit)?;
+                    // Long paths could make a frame too big: cut the batch short.
+                    let mut bytes = 0;
+                    let fits = entries
+                        .iter()
+                        .take_while(|e| {
+                            bytes +=
+                                200 + e.path.len() + e.link_target.as_ref().map_or(0, String::len);
+                            bytes < MAX_FRAME / 2
+                        })
+                        .count();
+                    entries.truncate(fits.max(1));
+                    Response::Changes(entries.iter().map(WireEntry::from).collect())
+                }
+                Request::ChunksOf { content, .. } => Response::Chunks(
+                    source
+                        .chunks_of(&Hash(content))?
+                        .iter()
+                        .map(WireChunk::from)
+                        .collect(),
+                ),
+                Request::ReadChunk {
+                    path,
+                    content,
+                    chunk,
+                    ..
+                } => {
+                    Response::Chunk(source.read_chunk(&path, &Hash(content), &chunk.checked()?)?)
+                }
+            })
+        };
+        answer().unwrap_or_else(|e| {
+            tracing::warn!("answering {peer}: {e}");
+            Response::Refused(e.to_string())
+        })
+    }
+
+    fn changed(&self, _peer: &PeerId, _folder: &str, _seq: u64) {
+        self.wake_up();
+    }
+}
+
+async fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener) {
+    let acceptor = match tls::server_config(&daemon.identity, Arc::clone(&daemon.allowed)) {
+        Ok(config) => tokio_rustls::TlsAcceptor::from(config),
+        Err(e) => {
+            tracing::error!("cannot accept connections: {e}");
+            return;
+        }
+    };
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (daemon, acceptor) = (Arc::clone(&daemon), acceptor.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!("{from}: refused: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let Ok(peer) = tls::peer_of(tls.get_ref().1.peer_certificates()) else {
+                return;
+            };
+            serve_connection(daemon, tls, peer, from).await;
+        });
+    }
+}
+
+async fn serve_connection<S>(daemon: Arc<Daemon>, stream: S, peer: PeerId, from: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let hello = daemon.hello_for(&peer);
+    let up = {
+        let daemon = Arc::clone(&daemon);
+        move |connection| daemon.add_connection(connection)
+    };
+    let handler: Arc<dyn RequestHandler> = daemon;
+    match conn::run(stream, peer, hello, handler, up).await {
+        Ok(()) => tracing::info!("{from}: peer {peer} disconnected"),
+        Err(e) => tracing::warn!("{from}: peer {peer} disconnected: {e}"),
+    }
+}
+
+/// Keeps a connection to `peer` open, trying its addresses in turn with a backoff.
+async fn dial_loop(daemon: Arc<Daemon>, peer: PeerId, addrs: Vec<String>) {
+    let mut backoff = Duration::from_millis(500);
+    while !daemon.stop.load(Ordering::Relaxed) {
+        if daemon.is_connected(&peer) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        for addr in &addrs {
+            match dial(&daemon, peer, addr).await {
+                Ok(()) => backoff = Duration::from_millis(500),
+                Err(e) => tracing::debug!("{addr}: {e}"),
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Connects to `peer` at `addr` and serves the connection until it closes.
+async fn dial(daemon: &Arc<Daemon>, peer: PeerId, addr: &str) -> Result<()> {
+    let config = tls::client_config(&daemon.identity, peer)?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::Peer(format!("{addr}: connect timed out")))?
+        .map_err(|e| Error::Peer(format!("{addr}: {e}")))?;
+    let from = tcp.peer_addr().map_err(|e| Error::Peer(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(tls::SERVER_NAME).map_err(|e| Error::Peer(e.to_string()))?;
+    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| Error::Peer(format!("{addr}: TLS handshake timed out")))?
+        .map_err(|e| Error::Peer(format!("{addr}: {e}")))?;
+    serve_connection(Arc::clone(daemon), tls, peer, from).await;
+    Ok(())
+}
+
+/// Syncs every folder, again and again, until the daemon stops.
+fn sync_loop(daemon: &Daemon, handle: &Handle, options: &ServeOptions) {
+    while !daemon.stop.load(Ordering::Relaxed) {
+        match Shares::open(&daemon.data_dir).and_then(|s| Ok((s.folders()?, s.peers()?))) {
+            Ok((folders, peers)) => {
+                *daemon.folders.write().unwrap_or_else(|p| p.into_inner()) = folders;
+                *daemon.allowed.write().unwrap_or_else(|p| p.into_inner()) =
+                    peers.iter().map(|p| p.id).collect();
+            }
+            Err(e) => tracing::warn!("reading the share list: {e}"),
+        }
+        let folders = daemon
+            .folders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for folder in folders {
+            if daemon.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Err(e) = sync_folder(daemon, handle, &folder, options) {
+                tracing::warn!("folder {}: {e}", folder.id);
+            }
+        }
+        daemon.sleep(options.interval);
+    }
+}
+
+/// One round for one folder: scan, then take what each connected peer changed.
+fn sync_folder(
+    daemon: &Daemon,
+    handle: &Handle,
+    shared: &SharedFolder,
+    options: &ServeOptions,
+) -> Result<()> {
+    let folder = Folder::open_or_create(&shared.path)?;
+    let _lock = folder.lock()?;
+    let mut store = HistoryStore::open(&folder.history_path())?;
+    let replica = store.replica_id()?;
+    daemon
+        .replicas
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(shared.id.clone(), replica);
+    let before = store.last_seq()?;
+    scan::scan(&folder, &mut store, replica, &ScanOptions::default())?;
+    for connection in daemon.connections_for(shared) {
+        let Some(replica) = connection.folders.get(&shared.id).copied() else {
+            continue;
+        };
+        let remote = RemoteFolder {
+            connection: Arc::clone(&connection),
+            folder: shared.id.clone(),
+            replica,
+            handle: handle.clone(),
+        };
+        local_sync::exchange_with(&mut store, &remote, None)?;
+        let plan = diff::plan(&store, &replica)?;
+        if plan.is_empty() {
+            continue;
+        }
+        if !options.sync.allow_mass_delete {
+            local_sync::check_mass_delete(&folder, &store, &plan, &options.sync)?;
+        }
+        let merged = merge::apply(&folder, &mut store, &remote, plan, &MergeOptions::default())?;
+        tracing::info!(
+            "folder {}: {} changes from {}, {} bytes read from it",
+            shared.id,
+            merged.applied,
+            connection.name,
+            merged.bytes_fetched
+        );
+    }
+    let after = store.last_seq()?;
+    if after != before {
+        for connection in daemon.connections_for(shared) {
+            connection.notify_changed(&shared.id, after);
+        }
+    }
+    Ok(())
+}
+
+/// A peer's copy of a folder, reached through a connection: what the engine
+/// reads histories and chunks from.
+struct RemoteFolder {
+    connection: Arc<Connection>,
+    folder: String,
+    replica: PeerId,
+    handle: Handle,
+}
+
+impl RemoteFolder {
+    fn ask(&self, request: Request) -> Result<Response> {
+        match self.handle.block_on(self.connection.request(request))? {
+            Response::Refused(reason) => Err(Error::Peer(format!(
+                "{} refused: {reason}",
+                self.connection.name
+            ))),
+            response => Ok(response),
+        }
+    }
+
+    fn unexpected(&self) -> Error {
+        Error::Protocol(format!(
+            "{} answered with the wrong kind of reply",
+            self.connection.name
+        ))
+    }
+}
+
+impl Peer for RemoteFolder {
+    fn id(&self) -> PeerId {
+        self.replica
+    }
+
+    fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Entry>> {
+        let limit = u32::try_from(limit).unwrap_or(MAX_ENTRIES).min(MAX_ENTRIES);
+        match self.ask(Request::ChangesSince {
+            folder: self.folder.clone(),
+            seq,
+            limit,
+        })? {
+            Response::Changes(entries) => {
+                let mut checked = Vec::with_capacity(entries.len());
+                let mut last = seq;
+                for entry in entries {
+                    let entry = entry.checked()?;
+                    if entry.seq <= last {
+                        return Err(Error::Protocol("entries out of sequence".into()));
+                    }
+                    last = entry.seq;
+                    checked.push(entry);
+                }
+                Ok(checked)
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    fn chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>> {
+        match self.ask(Request::ChunksOf {
+            folder: self.folder.clone(),
+            content: content.0,
+        })? {
+            Response::Chunks(chunks) => chunks.iter().map(WireChunk::checked).collect(),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    fn read_chunk(&self, path: &str, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
+        match self.ask(Request::ReadChunk {
+            folder: self.folder.clone(),
+            path: path.to_string(),
+            content: content.0,
+            chunk: WireChunk::from(chunk),
+        })? {
+            Response::Chunk(bytes) => Ok(bytes),
+            _ => Err(self.unexpected()),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! One authenticated connection to a peer: the hello exchange, then frames both
+//! ways. Requests from this side wait for their response by id (many in flight,
+//! answered in any order); requests from the peer are answered by a
+//! [`RequestHandler`] on a blocking thread, since answering reads the disk.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::device::PeerId;
+use crate::error::{Error, Result};
+use crate::net::protocol::{self, Message, Request, Response, VERSION};
+
+/// How long a request waits for its response.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the peer has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers the peer's requests (on a blocking thread).
+pub trait RequestHandler: Send + Sync + 'static {
+    fn answer(&self, peer: &PeerId, request: Request) -> Response;
+    /// The peer's history of `folder` now ends at `seq`.
+    fn changed(&self, peer: &PeerId, folder: &str, seq: u64);
+}
+
+pub struct Connection {
+    pub peer: PeerId,
+    pub name: String,
+    /// The folders the peer shares with this device, with its replica id of each.
+    pub folders: HashMap<String, PeerId>,
+    outgoing: mpsc::Sender<Message>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl Connection {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    pub async fn request(&self, request: Request) -> Result<Response> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending_map().insert(id, tx);
+        let gone = || Error::Peer(format!("the connection to {} closed", self.name));
+        if self
+            .outgoing
+            .send(Message::Request { id, request })
+            .await
+            .is_err()
+        {
+            self.pending_map().remove(&id);
+            return Err(gone());
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => {
+                self.pending_map().remove(&id);
+                Err(Error::Peer(format!("{} did not answer in time", self.name)))
+            }
+        }
+    }
+
+    /// Tells the peer that this device's history of `folder` ends at `seq`.
+    pub fn notify_changed(&self, folder: &str, seq: u64) {
+        let _ = self.outgoing.try_send(Message::Changed {
+            folder: folder.to_string(),
+            seq,
+        });
+    }
+
+    fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Response>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Says hello on `stream`, reads the peer's, and serves the connection until it
+/// closes. `up` receives the connection once both hellos are through.
+pub async fn run<S>(
+    stream: S,
+    peer: PeerId,
+    hello: Message,
+    handler: Arc<dyn RequestHandler>,
+    up: impl FnOnce(Arc<Connection>),
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    protocol::write_frame(&mut writer, &hello).await?;
+    let theirs = tokio::time::timeout(HELLO_TIMEOUT, protocol::read_frame(&mut reader))
+        .await
+        .map_err(|_| Error::Protocol("no hello in time".into()))??;
+    let (name, folders) = match theirs {
+        Some(Message::Hello {
+            version,
+            name,
+            folders,
+        }) if version == VERSION => (name, folders),
+        Some(Message::Hello { version, .. }) => {
+            return Err(Error::Protocol(format!(
+                "protocol version {version}; this device speaks {VERSION}"
+            )));
+        }
+        _ => return Err(Error::Protocol("the first frame was not a hello".into())),
+    };
+    let (outgoing, mut to_send) = mpsc::channel::<Message>(256);
+    let connection = Arc::new(Connection {
+        peer,
+        name,
+        folders: folders
+            .into_iter()
+            .map(|(folder, replica)| (folder, PeerId(replica)))
+            .collect(),
+        outgoing: outgoing.clone(),
+        pending: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        closed: AtomicBool::new(false),
+    });
+    up(Arc::clone(&connection));
+
+    let sender = tokio::spawn(async move {
+        while let Some(message) = to_send.recv().await {
+            protocol::write_frame(&mut writer, &message).await?;
+        }
+        Ok::<(), Error>(())
+    });
+    let result = receive(&mut reader, &connection, &outgoing, handler).await;
+    connection.closed.store(true, Ordering::Relaxed);
+    // Requests still waiting learn that the connection is gone.
+    connection.pending_map().clear();
+    sender.abort();
+    result
+}
+
+async fn receive<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    connection: &Arc<Connection>,
+    outgoing: &mpsc::Sender<Message>,
+    handler: Arc<dyn RequestHandler>,
+) -> Result<()> {
+    while let Some(message) = protocol::read_frame(reader).await? {
+        match message {
+            Message::Request { id, request } => {
+                let (handler, outgoing, peer) =
+                    (Arc::clone(&handler), outgoing.clone(), connection.peer);
+                tokio::spawn(async move {
+                    let response =
+                        tokio::task::spawn_blocking(move || handler.answer(&peer, request))
+                            .await
+                            .unwrap_or_else(|_| Response::Refused("internal error".into()));
+                    let _ = outgoing.send(Message::Response { id, response }).await;
+                });
+            }
+            Message::Response { id, response } => {
+                if let Some(waiting) = connection.pending_map().remove(&id) {
+                    let _ = waiting.send(response);
+                }
+            }
+            Message::Changed { folder, seq } => {
+                let (handler, peer) = (Arc::clone(&handler), connection.peer);
+                tokio::task::spawn_blocking(move || handler.changed(&peer, &folder, seq));
+            }
+            Message::Hello { .. } => {
+                return Err(Error::Protocol("a second hello".into()));
+            }
+        }
+    }
+    Ok(())
+}

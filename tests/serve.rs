@@ -1,0 +1,368 @@
+//! End-to-end tests of `latus serve`: real daemons as separate processes on
+//! 127.0.0.1, syncing folders over mutual TLS. Every wait is bounded.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bytes, write};
+use latus::identity::Identity;
+use latus::net::protocol::{self, Message, Request, Response, VERSION};
+use latus::net::tls;
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+
+const LATUS: &str = env!("CARGO_BIN_EXE_latus");
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A device: its home, its folder, and its daemon once started.
+struct Device {
+    home: PathBuf,
+    folder: PathBuf,
+    daemon: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, folder) = (dir.path().join("home"), dir.path().join("folder"));
+        fs::create_dir_all(&folder).unwrap();
+        let device = Device {
+            home,
+            folder,
+            daemon: None,
+            _dir: dir,
+        };
+        device.ok(&["init"]);
+        device.ok(&["folder", "add", "docs", device.folder.to_str().unwrap()]);
+        device
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(LATUS)
+            .env("LATUS_HOME", &self.home)
+            .env_remove("LATUS_LOG")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn id(&self) -> String {
+        self.ok(&["id"]).trim().to_string()
+    }
+
+    /// Knows `other` (at its address when given) and shares the folder with it.
+    fn trust(&self, other: &Device, addr: Option<&str>) {
+        let id = other.id();
+        let mut args = vec!["peer", "add", id.as_str()];
+        if let Some(addr) = addr {
+            args.extend(["--addr", addr]);
+        }
+        self.ok(&args);
+        self.ok(&["folder", "share", "docs", &id]);
+    }
+
+    /// Starts `latus serve` on a free loopback port; returns its address.
+    fn start(&mut self) -> String {
+        let log = fs::File::create(self.home.join("serve.log")).unwrap();
+        let child = Command::new(LATUS)
+            .env("LATUS_HOME", &self.home)
+            .args([
+                "--log-level",
+                "info",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--interval",
+                "0.3",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let addr_file = self.home.join(latus::daemon::ADDR_FILE);
+        wait_for("the daemon to listen", || addr_file.exists());
+        fs::read_to_string(addr_file).unwrap().trim().to_string()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.home.join("serve.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every file's content and every directory under `root`, `.latus/` left out.
+fn tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == ".latus" || rel.contains(".latus-tmp-") {
+                continue;
+            }
+            if path.is_dir() {
+                out.insert(rel, None);
+                stack.push(path);
+            } else {
+                out.insert(rel, fs::read(&path).ok());
+            }
+        }
+    }
+    out
+}
+
+fn wait_same(a: &Device, b: &Device) {
+    let start = Instant::now();
+    while tree(&a.folder) != tree(&b.folder) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the folders still differ:\nA {:?}\nB {:?}\nA's log:\n{}\nB's log:\n{}",
+            tree(&a.folder).keys().collect::<Vec<_>>(),
+            tree(&b.folder).keys().collect::<Vec<_>>(),
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A and B share "docs"; B knows A's address.
+fn pair() -> (Device, Device) {
+    let (mut a, mut b) = (Device::new(), Device::new());
+    a.trust(&b, None);
+    let addr = a.start();
+    b.trust(&a, Some(&addr));
+    b.start();
+    (a, b)
+}
+
+#[test]
+fn two_daemons_sync_creations_edits_renames_and_deletions_both_ways() {
+    let (a, b) = pair();
+    write(&a.folder, "notes/a.txt", b"from a");
+    write(&a.folder, "big.bin", &bytes(3 << 20, 1));
+    wait_same(&a, &b);
+    assert_eq!(fs::read(b.folder.join("notes/a.txt")).unwrap(), b"from a");
+
+    write(&b.folder, "notes/b.txt", b"from b");
+    write(&b.folder, "notes/a.txt", b"edited on b");
+    wait_same(&a, &b);
+    assert_eq!(
+        fs::read(a.folder.join("notes/a.txt")).unwrap(),
+        b"edited on b"
+    );
+
+    let logged_before = b.log().len();
+    fs::rename(a.folder.join("big.bin"), a.folder.join("moved.bin")).unwrap();
+    fs::remove_file(a.folder.join("notes/b.txt")).unwrap();
+    wait_same(&a, &b);
+    assert!(b.folder.join("moved.bin").exists());
+    assert!(!b.folder.join("notes/b.txt").exists());
+    // The rename travelled as a rename: B read no content for it.
+    let since = b.log()[logged_before..].to_string();
+    let rounds: Vec<&str> = since
+        .lines()
+        .filter(|l| l.contains("changes from"))
+        .collect();
+    assert!(!rounds.is_empty(), "{since}");
+    assert!(
+        rounds.iter().all(|l| l.contains(", 0 bytes read")),
+        "{since}"
+    );
+}
+
+#[test]
+fn an_unknown_device_is_refused_and_learns_nothing() {
+    let (mut a, mut c) = (Device::new(), Device::new());
+    write(&a.folder, "secret.txt", b"for known peers only");
+    let addr = a.start();
+    // C knows A, but A does not know C.
+    c.trust(&a, Some(&addr));
+    c.start();
+    wait_for("A to refuse C", || a.log().contains("unknown peer"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!c.folder.join("secret.txt").exists());
+}
+
+/// A client speaking the protocol by hand with B's identity.
+async fn connect_as(
+    device: &Device,
+    to: &Device,
+    addr: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let identity = Identity::load(&device.home).unwrap().unwrap();
+    let target = to.id().parse().unwrap();
+    let connector =
+        tokio_rustls::TlsConnector::from(tls::client_config(&identity, target).unwrap());
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from(tls::SERVER_NAME).unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unshared_folders_bad_frames_and_bad_paths_are_refused_and_others_still_served() {
+    let (mut a, b) = (Device::new(), Device::new());
+    a.trust(&b, None);
+    fs::create_dir_all(a.folder.parent().unwrap().join("private")).unwrap();
+    let private = a.folder.parent().unwrap().join("private");
+    a.ok(&["folder", "add", "private", private.to_str().unwrap()]);
+    write(&a.folder, "shared.txt", b"shared");
+    let addr = a.start();
+    let timeout = Duration::from_secs(20);
+
+    // A folder not shared with B: refused.
+    let mut tls = connect_as(&b, &a, &addr).await;
+    let hello = Message::Hello {
+        version: VERSION,
+        name: "test".into(),
+        folders: vec![],
+    };
+    protocol::write_frame(&mut tls, &hello).await.unwrap();
+    let theirs = protocol::read_frame(&mut tls).await.unwrap().unwrap();
+    let Message::Hello { folders, .. } = theirs else {
+        panic!("no hello: {theirs:?}")
+    };
+    let offered: Vec<&str> = folders.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(offered, vec!["docs"]);
+    let ask = Message::Request {
+        id: 1,
+        request: Request::ChangesSince {
+            folder: "private".into(),
+            seq: 0,
+            limit: 10,
+        },
+    };
+    protocol::write_frame(&mut tls, &ask).await.unwrap();
+    let reply = tokio::time::timeout(timeout, protocol::read_frame(&mut tls))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            reply,
+            Some(Message::Response {
+                id: 1,
+                response: Response::Refused(_)
+            })
+        ),
+        "{reply:?}"
+    );
+    // The shared one answers.
+    let ask = Message::Request {
+        id: 2,
+        request: Request::ChangesSince {
+            folder: "docs".into(),
+            seq: 0,
+            limit: 10,
+        },
+    };
+    protocol::write_frame(&mut tls, &ask).await.unwrap();
+    let reply = tokio::time::timeout(timeout, protocol::read_frame(&mut tls))
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(Message::Response {
+        id: 2,
+        response: Response::Changes(entries),
+    }) = reply
+    else {
+        panic!("{reply:?}")
+    };
+    assert!(entries.iter().any(|e| e.path == "shared.txt"));
+
+    // A path with `..`: the connection is closed.
+    let escape = postcard::to_stdvec(&Message::Request {
+        id: 3,
+        request: Request::ReadChunk {
+            folder: "docs".into(),
+            path: "../private/x".into(),
+            content: [0; 32],
+            chunk: protocol::WireChunk {
+                hash: [0; 32],
+                offset: 0,
+                len: 1,
+            },
+        },
+    })
+    .unwrap();
+    send_raw(&mut tls, &escape).await;
+    assert_closed(&mut tls).await;
+
+    // Garbage, then an oversized frame, each on a new connection: closed too.
+    for frame in [vec![0xff; 40], Vec::new()] {
+        let mut tls = connect_as(&b, &a, &addr).await;
+        protocol::write_frame(&mut tls, &hello).await.unwrap();
+        protocol::read_frame(&mut tls).await.unwrap();
+        if frame.is_empty() {
+            tls.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        } else {
+            send_raw(&mut tls, &frame).await;
+        }
+        assert_closed(&mut tls).await;
+    }
+
+    // And the daemon still serves: a real peer syncs.
+    let mut b = b;
+    b.trust(&a, Some(&addr));
+    b.start();
+    wait_same(&a, &b);
+    assert!(a.log().contains("not shared with it"), "{}", a.log());
+    for reason in ["malformed frame", "`.` or `..`", "at most"] {
+        assert!(a.log().contains(reason), "{reason}: {}", a.log());
+    }
+}
+
+async fn send_raw(tls: &mut (impl tokio::io::AsyncWrite + Unpin), body: &[u8]) {
+    tls.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    tls.write_all(body).await.unwrap();
+}
+
+/// The other side closed the connection (in bounded time).
+async fn assert_closed(tls: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let after = tokio::time::timeout(Duration::from_secs(20), protocol::read_frame(tls))
+        .await
+        .expect("the connection stayed open");
+    assert!(matches!(after, Ok(None) | Err(_)), "{after:?}");
+}
