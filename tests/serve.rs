@@ -366,3 +366,41 @@ async fn assert_closed(tls: &mut (impl tokio::io::AsyncRead + Unpin)) {
         .expect("the connection stayed open");
     assert!(matches!(after, Ok(None) | Err(_)), "{after:?}");
 }
+
+#[test]
+fn three_daemons_in_a_triangle_converge_and_agree_on_one_conflict_copy() {
+    let (mut a, mut b, mut c) = (Device::new(), Device::new(), Device::new());
+    a.trust(&b, None);
+    a.trust(&c, None);
+    let addr_a = a.start();
+    b.trust(&a, Some(&addr_a));
+    b.trust(&c, None);
+    let addr_b = b.start();
+    c.trust(&a, Some(&addr_a));
+    c.trust(&b, Some(&addr_b));
+    c.start();
+    write(&a.folder, "shared.txt", b"v1");
+    wait_same(&a, &b);
+    wait_same(&a, &c);
+
+    // Edited on two devices before either hears of the other's edit: stop B's
+    // daemon, edit on A and on B, start B again.
+    if let Some(mut daemon) = b.daemon.take() {
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+    }
+    write(&a.folder, "shared.txt", b"edited on a");
+    write(&b.folder, "shared.txt", b"edited on b");
+    write(&c.folder, "from_c.txt", b"c");
+    std::fs::remove_file(b.home.join(latus::daemon::ADDR_FILE)).unwrap();
+    b.start();
+    wait_same(&a, &b);
+    wait_same(&a, &c);
+    let names: Vec<String> = tree(&a.folder).into_keys().collect();
+    let copies: Vec<&String> = names.iter().filter(|n| n.contains("sync-conflict")).collect();
+    assert_eq!(copies.len(), 1, "{names:?}");
+    let kept: Vec<Vec<u8>> = tree(&a.folder).into_values().flatten().collect();
+    assert!(kept.contains(&b"edited on a".to_vec()));
+    assert!(kept.contains(&b"edited on b".to_vec()));
+    assert!(names.contains(&"from_c.txt".to_string()));
+}
