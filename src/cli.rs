@@ -113,9 +113,13 @@ enum Command {
         /// in the data directory).
         #[arg(long, value_name = "HOST:PORT", default_value = latus::daemon::DEFAULT_LISTEN)]
         listen: String,
-        /// Seconds between two rescans of each folder.
-        #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
-        interval: f64,
+        /// Seconds between two full rescans of each folder (the watcher finds
+        /// changes in between).
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600.0)]
+        rescan_interval: f64,
+        /// Seconds that changes on disk must be quiet before they are synced.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        watch_delay: f64,
         /// Go on even when more than half of a folder's files would be deleted.
         #[arg(long)]
         allow_mass_delete: bool,
@@ -249,9 +253,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Id { json } => print_id(&home, json),
         Command::Serve {
             listen,
-            interval,
+            rescan_interval,
+            watch_delay,
             allow_mass_delete,
-        } => serve(&home, listen, interval, allow_mass_delete),
+        } => serve(
+            &home,
+            listen,
+            rescan_interval,
+            watch_delay,
+            allow_mass_delete,
+        ),
         Command::Peer { command } => peer_command(&home, command),
         Command::Folder { command } => folder_command(&home, command),
     }?;
@@ -406,15 +417,25 @@ fn sync_options(config: &latus::device::Config) -> SyncOptions {
     options
 }
 
-fn serve(home: &Home, listen: String, interval: f64, allow_mass_delete: bool) -> Result<()> {
-    anyhow::ensure!(
-        interval.is_finite() && interval > 0.0,
-        "--interval must be a positive number of seconds"
-    );
+fn serve(
+    home: &Home,
+    listen: String,
+    rescan_interval: f64,
+    watch_delay: f64,
+    allow_mass_delete: bool,
+) -> Result<()> {
+    let seconds = |value: f64, flag: &str| {
+        anyhow::ensure!(
+            value.is_finite() && value > 0.0,
+            "{flag} must be a positive number of seconds"
+        );
+        Ok(Duration::from_secs_f64(value))
+    };
     let config = home.config()?;
     let options = latus::daemon::ServeOptions {
         listen,
-        interval: Duration::from_secs_f64(interval),
+        rescan_interval: seconds(rescan_interval, "--rescan-interval")?,
+        watch_delay: seconds(watch_delay, "--watch-delay")?,
         sync: SyncOptions {
             allow_mass_delete,
             ..sync_options(&config)

@@ -5,16 +5,23 @@
 //! apply, reading the content it lacks from that peer. Each side pulls what the
 //! other changed, so changes travel both ways.
 //!
-//! Not yet here: the file-system watcher (folders are rescanned every
-//! `interval`), a persistent chunk store that resumes a transfer killed midway,
-//! and `latus status`.
+//! A file-system watcher (inotify through `notify`) wakes a folder's loop once its
+//! changes have been quiet for `watch_delay`; a full rescan still runs every
+//! `rescan_interval`, because watchers drop events. A peer's "changed" message
+//! wakes the loop at once.
+//!
+//! Not yet here: a persistent chunk store that resumes a transfer killed midway,
+//! and targeted rescans of the paths the watcher names (each wake scans the whole
+//! folder, unchanged files by stat only).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use notify::Watcher;
 
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -45,10 +52,25 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub struct ServeOptions {
     pub listen: String,
-    /// Time between two rescans of a folder (until the watcher comes).
-    pub interval: Duration,
+    /// Time between two full rescans when the watcher reports nothing.
+    pub rescan_interval: Duration,
+    /// How long changes must be quiet before the watcher wakes a sync.
+    pub watch_delay: Duration,
     pub sync: SyncOptions,
 }
+
+/// Why and when the sync loop should run again.
+#[derive(Default)]
+struct Wake {
+    /// A peer changed something, or connected: sync now.
+    now: bool,
+    /// The watcher's first and last events in a synced folder since the last sync.
+    events: Option<(Instant, Instant)>,
+}
+
+/// Changes that never pause (a file appended to all the time) are synced
+/// at least this many `watch_delay`s after the first of them.
+const MAX_DELAYS: u32 = 10;
 
 /// What the listener, the dialers and the folder loops share.
 struct Daemon {
@@ -62,8 +84,7 @@ struct Daemon {
     sources: Mutex<HashMap<String, Arc<FolderPeer>>>,
     /// This device's replica id of each folder (the author of its versions).
     replicas: RwLock<HashMap<String, PeerId>>,
-    /// Set when a folder should be synced again soon (a peer said it changed).
-    wake: (Mutex<bool>, Condvar),
+    wake: (Mutex<Wake>, Condvar),
     stop: AtomicBool,
 }
 
@@ -80,7 +101,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         connections: Mutex::new(HashMap::new()),
         sources: Mutex::new(HashMap::new()),
         replicas: RwLock::new(HashMap::new()),
-        wake: (Mutex::new(false), Condvar::new()),
+        wake: (Mutex::new(Wake::default()), Condvar::new()),
         stop: AtomicBool::new(false),
         identity,
     });
@@ -115,6 +136,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
     for peer in peers.into_iter().filter(|p| !p.addrs.is_empty()) {
         runtime.spawn(dial_loop(Arc::clone(&daemon), peer.id, peer.addrs));
     }
+    let _watcher = watch(&daemon);
     let syncer = {
         let (daemon, handle) = (Arc::clone(&daemon), runtime.handle().clone());
         std::thread::spawn(move || sync_loop(&daemon, &handle, &options))
@@ -159,19 +181,48 @@ fn hostname() -> String {
 
 impl Daemon {
     fn wake_up(&self) {
-        let (flag, condvar) = &self.wake;
-        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let (wake, condvar) = &self.wake;
+        wake.lock().unwrap_or_else(|p| p.into_inner()).now = true;
         condvar.notify_all();
     }
 
-    /// Waits until woken or `timeout` passes.
-    fn sleep(&self, timeout: Duration) {
-        let (flag, condvar) = &self.wake;
-        let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut woken, _) = condvar
-            .wait_timeout_while(guard, timeout, |woken| !*woken)
-            .unwrap_or_else(|p| p.into_inner());
-        *woken = false;
+    fn file_changed(&self) {
+        let (wake, condvar) = &self.wake;
+        let now = Instant::now();
+        let mut state = wake.lock().unwrap_or_else(|p| p.into_inner());
+        state.events = Some((state.events.map_or(now, |(first, _)| first), now));
+        drop(state);
+        condvar.notify_all();
+    }
+
+    /// Waits for a reason to sync: a peer's news, changes on disk quiet for
+    /// `watch_delay`, the next full rescan, or the stop.
+    fn wait(&self, options: &ServeOptions) {
+        let rescan_at = Instant::now() + options.rescan_interval;
+        let (wake, condvar) = &self.wake;
+        let mut state = wake.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = Instant::now();
+            if self.stop.load(Ordering::Relaxed) || state.now || now >= rescan_at {
+                break;
+            }
+            let until = match state.events {
+                Some((first, last)) => {
+                    let due =
+                        (last + options.watch_delay).min(first + options.watch_delay * MAX_DELAYS);
+                    if now >= due {
+                        break;
+                    }
+                    due.min(rescan_at)
+                }
+                None => rescan_at,
+            };
+            state = condvar
+                .wait_timeout(state, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *state = Wake::default();
     }
 
     /// The hello for `peer`: the folders shared with it, with this side's replica ids.
@@ -409,6 +460,53 @@ async fn dial(daemon: &Arc<Daemon>, peer: PeerId, addr: &str) -> Result<()> {
     Ok(())
 }
 
+/// Watches every folder; `None` (and a warning) if the watcher cannot start,
+/// then only the periodic rescans find local changes.
+fn watch(daemon: &Arc<Daemon>) -> Option<notify::RecommendedWatcher> {
+    let weak = Arc::downgrade(daemon);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        // Reads (ours included: a scan opens every directory) change nothing.
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        tracing::trace!("watched: {event:?}");
+        // Latus's own bookkeeping is not a change to sync.
+        let ours = event.paths.iter().all(|p| {
+            p.components()
+                .any(|c| c.as_os_str() == crate::folder::MARKER_DIR)
+                || p.file_name().is_some_and(|n| {
+                    n.as_encoded_bytes()
+                        .starts_with(crate::folder::TEMP_PREFIX.as_bytes())
+                })
+        });
+        if !ours && let Some(daemon) = weak.upgrade() {
+            daemon.file_changed();
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(watcher) => watcher,
+        Err(e) => {
+            tracing::warn!("no file-system watcher ({e}); changes are found by rescans only");
+            return None;
+        }
+    };
+    for folder in daemon
+        .folders
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        if let Err(e) = watcher.watch(&folder.path, notify::RecursiveMode::Recursive) {
+            tracing::warn!(
+                "folder {}: not watched ({e}); changes are found by rescans",
+                folder.id
+            );
+        }
+    }
+    Some(watcher)
+}
+
 /// Syncs every folder, again and again, until the daemon stops.
 fn sync_loop(daemon: &Daemon, handle: &Handle, options: &ServeOptions) {
     while !daemon.stop.load(Ordering::Relaxed) {
@@ -433,7 +531,7 @@ fn sync_loop(daemon: &Daemon, handle: &Handle, options: &ServeOptions) {
                 tracing::warn!("folder {}: {e}", folder.id);
             }
         }
-        daemon.sleep(options.interval);
+        daemon.wait(options);
     }
 }
 

@@ -88,8 +88,8 @@ impl Device {
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
-                "--interval",
-                "0.3",
+                "--watch-delay",
+                "0.2",
             ])
             .stdout(Stdio::null())
             .stderr(log)
@@ -397,7 +397,10 @@ fn three_daemons_in_a_triangle_converge_and_agree_on_one_conflict_copy() {
     wait_same(&a, &b);
     wait_same(&a, &c);
     let names: Vec<String> = tree(&a.folder).into_keys().collect();
-    let copies: Vec<&String> = names.iter().filter(|n| n.contains("sync-conflict")).collect();
+    let copies: Vec<&String> = names
+        .iter()
+        .filter(|n| n.contains("sync-conflict"))
+        .collect();
     assert_eq!(copies.len(), 1, "{names:?}");
     let kept: Vec<Vec<u8>> = tree(&a.folder).into_values().flatten().collect();
     assert!(kept.contains(&b"edited on a".to_vec()));

@@ -125,11 +125,15 @@ where
     });
     up(Arc::clone(&connection));
 
+    let peer_name = connection.name.clone();
     let sender = tokio::spawn(async move {
         while let Some(message) = to_send.recv().await {
-            protocol::write_frame(&mut writer, &message).await?;
+            if let Err(e) = protocol::write_frame(&mut writer, &message).await {
+                tracing::warn!("{peer_name}: {e}");
+                return;
+            }
+            tracing::trace!("sent {}", describe(&message));
         }
-        Ok::<(), Error>(())
     });
     let result = receive(&mut reader, &connection, &outgoing, handler).await;
     connection.closed.store(true, Ordering::Relaxed);
@@ -146,6 +150,7 @@ async fn receive<R: AsyncRead + Unpin>(
     handler: Arc<dyn RequestHandler>,
 ) -> Result<()> {
     while let Some(message) = protocol::read_frame(reader).await? {
+        tracing::trace!("received {}", describe(&message));
         match message {
             Message::Request { id, request } => {
                 let (handler, outgoing, peer) =
@@ -173,4 +178,13 @@ async fn receive<R: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+fn describe(message: &Message) -> String {
+    match message {
+        Message::Hello { .. } => "hello".into(),
+        Message::Request { id, .. } => format!("request {id}"),
+        Message::Response { id, .. } => format!("response {id}"),
+        Message::Changed { folder, seq } => format!("changed {folder} {seq}"),
+    }
 }
