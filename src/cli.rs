@@ -124,6 +124,12 @@ enum Command {
         #[arg(long)]
         allow_mass_delete: bool,
     },
+    /// What the running `latus serve` is doing: its address, each folder's state,
+    /// each peer's connection.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print this device's peer id (the hash of its certificate, made by `latus init`).
     Id {
         #[arg(long)]
@@ -251,6 +257,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Command::Trash { command } => trash_command(command),
         Command::Id { json } => print_id(&home, json),
+        Command::Status { json } => print_status(&home, json),
         Command::Serve {
             listen,
             rescan_interval,
@@ -442,6 +449,53 @@ fn serve(
         },
     };
     latus::daemon::serve(home, options)?;
+    Ok(())
+}
+
+fn print_status(home: &Home, json: bool) -> Result<()> {
+    let status = latus::daemon::read_status(home)?;
+    if json {
+        let value = match &status {
+            Some(status) => serde_json::json!({ "running": true, "status": status }),
+            None => serde_json::json!({ "running": false }),
+        };
+        println!("{value}");
+        return Ok(());
+    }
+    let Some(status) = status else {
+        println!("latus serve is not running (start it with `latus serve`)");
+        return Ok(());
+    };
+    println!("device {}", status.device);
+    println!("listening on {} (pid {})", status.listen, status.pid);
+    for folder in &status.folders {
+        let mut line = format!(
+            "folder {}  {}  {}",
+            folder.id,
+            folder.path.display(),
+            folder.state
+        );
+        if folder.conflicts > 0 {
+            line.push_str(&format!(", {} conflict copies made", folder.conflicts));
+        }
+        if let Some(error) = &folder.last_error {
+            line.push_str(&format!(", last error: {error}"));
+        }
+        println!("{line}");
+    }
+    for peer in &status.peers {
+        let state = if peer.connected {
+            "connected"
+        } else {
+            "not connected"
+        };
+        println!(
+            "peer {} ({})  {state}  {}",
+            peer.name,
+            peer.id,
+            peer.addrs.join(" ")
+        );
+    }
     Ok(())
 }
 

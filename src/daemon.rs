@@ -16,12 +16,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use notify::Watcher;
+use serde::{Deserialize, Serialize};
 
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -59,6 +60,42 @@ pub struct ServeOptions {
     pub sync: SyncOptions,
 }
 
+/// The file in the data directory where a running daemon keeps its status.
+pub const STATUS_FILE: &str = "status.json";
+
+/// What `latus status` shows: written by the daemon as things change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub device: String,
+    pub listen: String,
+    pub folders: Vec<FolderStatus>,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FolderStatus {
+    pub id: String,
+    pub path: PathBuf,
+    /// "scanning", "syncing" or "idle".
+    pub state: String,
+    /// Unix time (seconds) of the last round that finished.
+    pub last_synced: Option<u64>,
+    /// Conflict copies made since the daemon started.
+    pub conflicts: usize,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub name: String,
+    pub connected: bool,
+    /// Unix time (seconds) it was last connected.
+    pub last_seen: Option<u64>,
+    pub addrs: Vec<String>,
+}
+
 /// Why and when the sync loop should run again.
 #[derive(Default)]
 struct Wake {
@@ -86,6 +123,7 @@ struct Daemon {
     replicas: RwLock<HashMap<String, PeerId>>,
     wake: (Mutex<Wake>, Condvar),
     stop: AtomicBool,
+    status: Mutex<Status>,
 }
 
 /// Runs until Ctrl-C or SIGTERM.
@@ -103,6 +141,20 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         replicas: RwLock::new(HashMap::new()),
         wake: (Mutex::new(Wake::default()), Condvar::new()),
         stop: AtomicBool::new(false),
+        status: Mutex::new(Status {
+            pid: std::process::id(),
+            device: identity.peer_id().to_string(),
+            peers: peers
+                .iter()
+                .map(|p| PeerStatus {
+                    id: p.id.to_string(),
+                    name: p.name.clone(),
+                    addrs: p.addrs.clone(),
+                    ..PeerStatus::default()
+                })
+                .collect(),
+            ..Status::default()
+        }),
         identity,
     });
     tracing::info!("device {}", daemon.identity.peer_id());
@@ -131,6 +183,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
     tracing::info!("listening on {bound}");
     let addr_file = home.data_dir.join(ADDR_FILE);
     std::fs::write(&addr_file, format!("{bound}\n")).map_err(|e| Error::io(&addr_file, e))?;
+    daemon.update_status(|status| status.listen = bound.to_string());
 
     runtime.spawn(accept_loop(Arc::clone(&daemon), listener));
     for peer in peers.into_iter().filter(|p| !p.addrs.is_empty()) {
@@ -148,6 +201,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
     // The round under way finishes its file (every placement is atomic).
     let _ = syncer.join();
     let _ = std::fs::remove_file(&addr_file);
+    let _ = std::fs::remove_file(home.data_dir.join(STATUS_FILE));
     runtime.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }
@@ -180,6 +234,41 @@ fn hostname() -> String {
 }
 
 impl Daemon {
+    /// Changes the status and writes it out (through a temp file and a rename,
+    /// so `latus status` never reads half of it).
+    fn update_status(&self, change: impl FnOnce(&mut Status)) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut status);
+        let path = self.data_dir.join(STATUS_FILE);
+        let tmp = self.data_dir.join(format!("{STATUS_FILE}.tmp"));
+        let written = serde_json::to_vec_pretty(&*status)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("{}: {e}", path.display());
+        }
+    }
+
+    fn folder_status(&self, id: &str, change: impl FnOnce(&mut FolderStatus)) {
+        self.update_status(|status| {
+            if let Some(folder) = status.folders.iter_mut().find(|f| f.id == id) {
+                change(folder);
+            }
+        });
+    }
+
+    fn peer_status(&self, peer: &PeerId, connected: bool) {
+        let id = peer.to_string();
+        let now = unix_seconds();
+        self.update_status(|status| {
+            if let Some(entry) = status.peers.iter_mut().find(|p| p.id == id) {
+                entry.connected = connected;
+                entry.last_seen = Some(now);
+            }
+        });
+    }
+
     fn wake_up(&self) {
         let (wake, condvar) = &self.wake;
         wake.lock().unwrap_or_else(|p| p.into_inner()).now = true;
@@ -279,8 +368,10 @@ impl Daemon {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let list = connections.entry(connection.peer).or_default();
         list.retain(|c| !c.is_closed());
+        let peer = connection.peer;
         list.push(connection);
         drop(connections);
+        self.peer_status(&peer, true);
         self.wake_up();
     }
 
@@ -415,11 +506,13 @@ where
         let daemon = Arc::clone(&daemon);
         move |connection| daemon.add_connection(connection)
     };
-    let handler: Arc<dyn RequestHandler> = daemon;
+    let handler: Arc<dyn RequestHandler> = Arc::clone(&daemon) as Arc<dyn RequestHandler>;
     match conn::run(stream, peer, hello, handler, up).await {
         Ok(()) => tracing::info!("{from}: peer {peer} disconnected"),
         Err(e) => tracing::warn!("{from}: peer {peer} disconnected: {e}"),
     }
+    let still = daemon.is_connected(&peer);
+    daemon.peer_status(&peer, still);
 }
 
 /// Keeps a connection to `peer` open, trying its addresses in turn with a backoff.
@@ -523,13 +616,41 @@ fn sync_loop(daemon: &Daemon, handle: &Handle, options: &ServeOptions) {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        daemon.update_status(|status| {
+            let mut known = std::mem::take(&mut status.folders);
+            status.folders = folders
+                .iter()
+                .map(|f| {
+                    let old = known
+                        .iter()
+                        .position(|k| k.id == f.id)
+                        .map(|i| known.swap_remove(i));
+                    FolderStatus {
+                        id: f.id.clone(),
+                        path: f.path.clone(),
+                        ..old.unwrap_or_else(|| FolderStatus {
+                            state: "idle".into(),
+                            ..FolderStatus::default()
+                        })
+                    }
+                })
+                .collect();
+        });
         for folder in folders {
             if daemon.stop.load(Ordering::Relaxed) {
                 return;
             }
-            if let Err(e) = sync_folder(daemon, handle, &folder, options) {
+            let result = sync_folder(daemon, handle, &folder, options);
+            if let Err(e) = &result {
                 tracing::warn!("folder {}: {e}", folder.id);
             }
+            daemon.folder_status(&folder.id, |status| {
+                status.state = "idle".into();
+                status.last_error = result.as_ref().err().map(ToString::to_string);
+                if result.is_ok() {
+                    status.last_synced = Some(unix_seconds());
+                }
+            });
         }
         daemon.wait(options);
     }
@@ -552,6 +673,7 @@ fn sync_folder(
         .unwrap_or_else(|p| p.into_inner())
         .insert(shared.id.clone(), replica);
     let before = store.last_seq()?;
+    daemon.folder_status(&shared.id, |status| status.state = "scanning".into());
     scan::scan(&folder, &mut store, replica, &ScanOptions::default())?;
     for connection in daemon.connections_for(shared) {
         let Some(replica) = connection.folders.get(&shared.id).copied() else {
@@ -571,7 +693,10 @@ fn sync_folder(
         if !options.sync.allow_mass_delete {
             local_sync::check_mass_delete(&folder, &store, &plan, &options.sync)?;
         }
+        daemon.folder_status(&shared.id, |status| status.state = "syncing".into());
         let merged = merge::apply(&folder, &mut store, &remote, plan, &MergeOptions::default())?;
+        let conflicts = merged.conflicts.len();
+        daemon.folder_status(&shared.id, |status| status.conflicts += conflicts);
         tracing::info!(
             "folder {}: {} changes from {}, {} bytes read from it",
             shared.id,
@@ -667,4 +792,27 @@ impl Peer for RemoteFolder {
             _ => Err(self.unexpected()),
         }
     }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The status a running daemon wrote; `None` when no daemon runs for this home.
+pub fn read_status(home: &Home) -> Result<Option<Status>> {
+    let path = home.data_dir.join(STATUS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let status: Status = serde_json::from_str(&text).map_err(|e| Error::DeviceState {
+        path: path.clone(),
+        reason: format!("unreadable status: {e}"),
+    })?;
+    // A daemon killed without a chance to clean up leaves its file behind.
+    let alive = Path::new("/proc").join(status.pid.to_string()).exists();
+    Ok(alive.then_some(status))
 }

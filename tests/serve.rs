@@ -407,3 +407,39 @@ fn three_daemons_in_a_triangle_converge_and_agree_on_one_conflict_copy() {
     assert!(kept.contains(&b"edited on b".to_vec()));
     assert!(names.contains(&"from_c.txt".to_string()));
 }
+
+#[test]
+fn status_shows_the_daemon_and_sigterm_stops_it_cleanly() {
+    let (mut a, b) = pair();
+    let json: serde_json::Value = serde_json::from_str(&b.ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["running"], true);
+    wait_for("B to show A as connected", || {
+        let json: serde_json::Value = serde_json::from_str(&b.ok(&["status", "--json"])).unwrap();
+        json["status"]["peers"][0]["connected"] == true
+            && json["status"]["folders"][0]["last_synced"].is_u64()
+    });
+    let text = b.ok(&["status"]);
+    assert!(
+        text.contains("folder docs") && text.contains("connected"),
+        "{text}"
+    );
+
+    let daemon = a.daemon.take().unwrap();
+    let pid = daemon.id() as i32;
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut daemon = daemon;
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(exit) = daemon.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(start.elapsed() < WAIT, "the daemon did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(!a.home.join(latus::daemon::ADDR_FILE).exists());
+    let json: serde_json::Value = serde_json::from_str(&a.ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["running"], false);
+    assert!(a.ok(&["status"]).contains("not running"));
+}
