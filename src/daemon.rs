@@ -10,8 +10,11 @@
 //! `rescan_interval`, because watchers drop events. A peer's "changed" message
 //! wakes the loop at once.
 //!
-//! Not yet here: a persistent chunk store that resumes a transfer killed midway,
-//! and targeted rescans of the paths the watcher names (each wake scans the whole
+//! A file built from a peer's chunks is assembled in `.latus/partial/` and kept
+//! if the daemon is stopped or killed: the next build takes the chunks already
+//! there (see [`MergeOptions::resumable`]).
+//!
+//! Not yet here: targeted rescans of the paths the watcher names (each wake scans the whole
 //! folder, unchanged files by stat only).
 
 use std::collections::HashMap;
@@ -694,15 +697,20 @@ fn sync_folder(
             local_sync::check_mass_delete(&folder, &store, &plan, &options.sync)?;
         }
         daemon.folder_status(&shared.id, |status| status.state = "syncing".into());
-        let merged = merge::apply(&folder, &mut store, &remote, plan, &MergeOptions::default())?;
+        let resumable = MergeOptions {
+            resumable: true,
+            ..MergeOptions::default()
+        };
+        let merged = merge::apply(&folder, &mut store, &remote, plan, &resumable)?;
         let conflicts = merged.conflicts.len();
         daemon.folder_status(&shared.id, |status| status.conflicts += conflicts);
         tracing::info!(
-            "folder {}: {} changes from {}, {} bytes read from it",
+            "folder {}: {} changes from {}, {} bytes read from it, {} bytes resumed",
             shared.id,
             merged.applied,
             connection.name,
-            merged.bytes_fetched
+            merged.bytes_fetched,
+            merged.bytes_resumed
         );
     }
     let after = store.last_seq()?;

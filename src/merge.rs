@@ -44,6 +44,11 @@ pub struct MergeOptions {
     /// Stop after this many actions as if killed: records not yet committed are
     /// dropped (tests of interrupted syncs).
     pub interrupt_after: Option<usize>,
+    /// Files built from a peer's chunks are assembled in `.latus/partial/`, named
+    /// by their content, and kept when the build stops (a lost connection, a
+    /// killed process): the next build of that content takes the chunks already
+    /// there, each checked against its hash, and asks the peer for the rest only.
+    pub resumable: bool,
 }
 
 impl Default for MergeOptions {
@@ -52,6 +57,7 @@ impl Default for MergeOptions {
             batch_size: 1000,
             build_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             interrupt_after: None,
+            resumable: false,
         }
     }
 }
@@ -68,6 +74,8 @@ pub struct MergeReport {
     pub bytes_local: u64,
     /// Bytes read from the peer.
     pub bytes_fetched: u64,
+    /// Bytes found already fetched in a partial file of an earlier, stopped build.
+    pub bytes_resumed: u64,
     pub warnings: Vec<String>,
     pub interrupted: bool,
 }
@@ -94,6 +102,10 @@ pub fn apply(
         root: folder.root().to_path_buf(),
         history: folder.history_path(),
         peer,
+        partial_dir: options
+            .resumable
+            .then(|| folder.marker_dir().join(PARTIAL_DIR)),
+        assembling: std::sync::Mutex::new(HashSet::new()),
     };
     let mut merger = Merger {
         root: folder.root().to_path_buf(),
@@ -163,7 +175,11 @@ struct Built {
     chunks: Vec<ChunkInfo>,
     bytes_local: u64,
     bytes_fetched: u64,
+    bytes_resumed: u64,
 }
+
+/// In `.latus/`: files being assembled from a peer's chunks, by content hash.
+pub const PARTIAL_DIR: &str = "partial";
 
 fn build_worker(
     mut builder: Builder<'_>,
@@ -232,6 +248,10 @@ struct BuildShared<'a> {
     root: PathBuf,
     history: PathBuf,
     peer: &'a dyn Peer,
+    /// Where resumable builds are assembled; `None` when builds are not resumable.
+    partial_dir: Option<PathBuf>,
+    /// Contents a thread is assembling in `partial_dir` now.
+    assembling: std::sync::Mutex<HashSet<Hash>>,
 }
 
 /// Builds new files in temp files: from a local copy, from chunks this folder
@@ -306,6 +326,7 @@ impl<'a> Builder<'a> {
             chunks: Vec::new(),
             bytes_local: source.size,
             bytes_fetched: 0,
+            bytes_resumed: 0,
         }))
     }
 
@@ -342,6 +363,21 @@ impl<'a> Builder<'a> {
         if expected_offset != target.size {
             return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
         }
+        if let Some(partial) = self.claim_partial(content) {
+            let assembled = self.assemble_resumable(target, content, &chunks, &partial);
+            self.shared
+                .assembling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&content);
+            return match assembled? {
+                Some(built) => {
+                    fs::rename(&partial, temp).map_err(|e| Error::io(temp, e))?;
+                    Ok(Some(Built { chunks, ..built }))
+                }
+                None => Ok(None),
+            };
+        }
         // Local chunks are first copied as ranges, unread (a clone on file systems
         // with reflinks); only if the result is not the content, because a
         // source changed meanwhile, each local chunk is read and checked.
@@ -376,6 +412,7 @@ impl<'a> Builder<'a> {
             chunks: Vec::new(),
             bytes_local: 0,
             bytes_fetched: 0,
+            bytes_resumed: 0,
         };
         let mut sources = LocalSources::default();
         let mut run: Option<LocalRun> = None;
@@ -446,6 +483,92 @@ impl<'a> Builder<'a> {
         }
         finish_file(output, temp, target)?;
         Ok(Assembled::Done(built))
+    }
+
+    /// The partial file to assemble `content` in, if builds are resumable and no
+    /// other thread is assembling the same content.
+    fn claim_partial(&self, content: Hash) -> Option<PathBuf> {
+        let dir = self.shared.partial_dir.as_ref()?;
+        let claimed = self
+            .shared
+            .assembling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(content);
+        if !claimed || fs::create_dir_all(dir).is_err() {
+            return None;
+        }
+        Some(dir.join(content.to_hex()))
+    }
+
+    /// Assembles the target in `partial`, keeping the chunks an earlier build
+    /// left there (each checked against its hash); `None` when the peer no longer
+    /// has some chunk (the partial file stays for the next try).
+    fn assemble_resumable(
+        &mut self,
+        target: &Entry,
+        content: Hash,
+        chunks: &[ChunkInfo],
+        partial: &Path,
+    ) -> Result<Option<Built>> {
+        let output = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(partial)
+            .map_err(|e| Error::io(partial, e))?;
+        let mut built = Built {
+            chunks: Vec::new(),
+            bytes_local: 0,
+            bytes_fetched: 0,
+            bytes_resumed: 0,
+        };
+        let mut buffer = Vec::new();
+        for chunk in chunks {
+            buffer.resize(chunk.len as usize, 0);
+            if output.read_exact_at(&mut buffer, chunk.offset).is_ok()
+                && Hash::of(&buffer) == chunk.hash
+            {
+                built.bytes_resumed += u64::from(chunk.len);
+                continue;
+            }
+            let bytes = match self.local_chunk(chunk)? {
+                Some(bytes) => {
+                    built.bytes_local += bytes.len() as u64;
+                    bytes
+                }
+                None => match self.shared.peer.read_chunk(&target.path, &content, chunk)? {
+                    Some(bytes) if Hash::of(&bytes) == chunk.hash => {
+                        built.bytes_fetched += bytes.len() as u64;
+                        bytes
+                    }
+                    Some(_) => {
+                        return Err(Error::Peer(format!(
+                            "{}: the peer sent a chunk that does not match its hash",
+                            target.path
+                        )));
+                    }
+                    None => return Ok(None),
+                },
+            };
+            output
+                .write_all_at(&bytes, chunk.offset)
+                .map_err(|e| Error::io(partial, e))?;
+        }
+        output
+            .set_len(target.size)
+            .map_err(|e| Error::io(partial, e))?;
+        if hash_file(&output, partial)? != content {
+            let _ = fs::remove_file(partial);
+            return Err(Error::Peer(format!(
+                "{}: the assembled file does not match its hash",
+                target.path
+            )));
+        }
+        finish_file(output, partial, target)?;
+        Ok(Some(built))
     }
 
     /// Where this folder holds `chunk` (a file that still has the size and mtime
@@ -908,6 +1031,7 @@ impl Merger<'_> {
         };
         self.report.bytes_local += built.bytes_local;
         self.report.bytes_fetched += built.bytes_fetched;
+        self.report.bytes_resumed += built.bytes_resumed;
         self.pending_chunks = built.chunks;
         self.place(action, temp)
     }

@@ -443,3 +443,89 @@ fn status_shows_the_daemon_and_sigterm_stops_it_cleanly() {
     assert_eq!(json["running"], false);
     assert!(a.ok(&["status"]).contains("not running"));
 }
+
+/// A file of `size` incompressible bytes, written in pieces.
+fn write_big(path: &Path, size: usize, seed: &[u8]) {
+    use std::io::Write;
+    let mut reader = blake3::Hasher::new().update(seed).finalize_xof();
+    let mut out = std::io::BufWriter::new(fs::File::create(path).unwrap());
+    let mut piece = vec![0u8; 1 << 20];
+    for _ in 0..size / piece.len() {
+        reader.fill(&mut piece);
+        out.write_all(&piece).unwrap();
+    }
+    out.flush().unwrap();
+}
+
+fn file_hash(path: &Path) -> Option<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(fs::File::open(path).ok()?).ok()?;
+    Some(hasher.finalize())
+}
+
+/// The size of the largest file in B's partial directory.
+fn largest_partial(device: &Device) -> u64 {
+    fs::read_dir(device.folder.join(".latus/partial"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_daemon_killed_mid_transfer_resumes_and_does_not_fetch_everything_again() {
+    const SIZE: u64 = 500 << 20;
+    let (mut a, mut b) = (Device::new(), Device::new());
+    write_big(&a.folder.join("big.bin"), SIZE as usize, b"resume");
+    a.trust(&b, None);
+    let addr = a.start();
+    b.trust(&a, Some(&addr));
+    b.start();
+    let start = Instant::now();
+    while largest_partial(&b) < SIZE / 4 {
+        assert!(start.elapsed() < 4 * WAIT, "the transfer did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // kill -9 in the middle of the transfer.
+    let mut daemon = b.daemon.take().unwrap();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let kept = largest_partial(&b);
+    assert!(kept < SIZE, "the transfer finished before the kill");
+    assert!(
+        !b.folder.join("big.bin").exists(),
+        "a partial file at the final path"
+    );
+
+    let logged_before = b.log().len();
+    b.start();
+    let expected = file_hash(&a.folder.join("big.bin"));
+    let start = Instant::now();
+    while file_hash(&b.folder.join("big.bin")) != expected {
+        assert!(start.elapsed() < 4 * WAIT, "the transfer did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let since = b.log()[logged_before..].to_string();
+    let line = since
+        .lines()
+        .find(|l| l.contains("changes from"))
+        .unwrap_or_else(|| panic!("{since}"));
+    let number = |before: &str| -> u64 {
+        let end = line.find(before).unwrap();
+        line[..end]
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (fetched, resumed) = (number(" bytes read"), number(" bytes resumed"));
+    assert!(resumed >= SIZE / 4 - (256 << 10), "{line}");
+    assert!(fetched <= SIZE - resumed, "{line}");
+    assert_eq!(fetched + resumed, SIZE, "{line}");
+    eprintln!("after the restart: {line}");
+}

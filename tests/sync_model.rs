@@ -116,7 +116,11 @@ impl Case {
             .collect();
         // Half the syncs build files on two threads ahead of placing them.
         let build_threads = 2 * self.rng.below(2);
-        self.log.push(format!("  build threads: {build_threads}"));
+        // Half of them assemble in .latus/partial/, as the daemon does.
+        let resumable = self.rng.below(2) == 1;
+        self.log.push(format!(
+            "  build threads: {build_threads}, resumable: {resumable}"
+        ));
         let options = SyncOptions {
             allow_mass_delete: true,
             scan: latus::scan::ScanOptions {
@@ -127,6 +131,7 @@ impl Case {
                 batch_size: 1 + self.rng.below(4),
                 build_threads,
                 interrupt_after,
+                resumable,
             },
             ..SyncOptions::default()
         };
