@@ -677,7 +677,16 @@ fn sync_folder(
         .insert(shared.id.clone(), replica);
     let before = store.last_seq()?;
     daemon.folder_status(&shared.id, |status| status.state = "scanning".into());
-    scan::scan(&folder, &mut store, replica, &ScanOptions::default())?;
+    // Peers hear of each committed batch: they sync while a long scan goes on.
+    let announce = Announce {
+        folder: shared.id.clone(),
+        connections: daemon.connections_for(shared),
+    };
+    let scan_options = ScanOptions {
+        observer: Some(Arc::new(announce)),
+        ..ScanOptions::default()
+    };
+    scan::scan(&folder, &mut store, replica, &scan_options)?;
     for connection in daemon.connections_for(shared) {
         let Some(replica) = connection.folders.get(&shared.id).copied() else {
             continue;
@@ -720,6 +729,20 @@ fn sync_folder(
         }
     }
     Ok(())
+}
+
+/// Tells peers of each batch a scan commits.
+struct Announce {
+    folder: String,
+    connections: Vec<Arc<Connection>>,
+}
+
+impl scan::ScanObserver for Announce {
+    fn batch_committed(&self, _entries: usize, last_seq: u64) {
+        for connection in &self.connections {
+            connection.notify_changed(&self.folder, last_seq);
+        }
+    }
 }
 
 /// A peer's copy of a folder, reached through a connection: what the engine

@@ -43,8 +43,9 @@ pub trait ScanObserver: Send + Sync {
     fn bytes_read(&self, _path: &str, _bytes: u64) {}
     /// The walk reached one more entry.
     fn entry_walked(&self) {}
-    /// A batch of `entries` records was committed.
-    fn batch_committed(&self, _entries: usize) {}
+    /// A batch of `entries` records was committed; the history now ends at
+    /// `last_seq` (peers may read it while the scan goes on).
+    fn batch_committed(&self, _entries: usize, _last_seq: u64) {}
 }
 
 pub struct ScanOptions {
@@ -764,9 +765,9 @@ fn write_changes(
     };
     let mut batch = Vec::with_capacity(batch_size);
     let mut commit = |batch: &mut Vec<Record>| -> Result<()> {
-        store.write_batch(batch)?;
+        let seqs = store.write_batch(batch)?;
         if let Some(observer) = &shared.observer {
-            observer.batch_committed(batch.len());
+            observer.batch_committed(batch.len(), seqs.iter().copied().max().unwrap_or(0));
         }
         batch.clear();
         Ok(())
