@@ -4,10 +4,12 @@
 #
 #   bench/compare.sh                         # small + large, cold cache, REPEAT=2
 #   SETS=small TOOLS=rsync REPEAT=1 bench/compare.sh
+#   MODE=daemon TOOLS=syncthing bench/compare.sh   # two `latus serve` beside two Syncthings
 #
 # The table run.sh prints has one row per tool, set and case (initial, touch1pct,
 # renamedir, movebig, append1m): seconds, bytes written to disk, peak RSS, CPU.
-# Knobs: SETS [small,large]  TOOLS [rsync,unison]  CACHE [cold]  REPEAT [2]
+# Knobs: MODE [sync|daemon]  SETS [small,large]  TOOLS [rsync,unison; daemon: syncthing]
+#        CACHE [cold]  REPEAT [2; daemon: 1]
 #        BENCH_DIR [${TMPDIR:-/tmp}/latus-peerbench]  SHARED [<project>/../shared]
 set -euo pipefail
 
@@ -30,6 +32,18 @@ rm -rf "$HARNESS" && mkdir -p "$BENCH_DIR" && cp -r "$SHARED/bench" "$HARNESS"
 sed -i 's/^IGNORE_NAMES = {/IGNORE_NAMES = {".latus", /' "$HARNESS/gen_dataset.py"
 grep -q '".latus"' "$HARNESS/gen_dataset.py" || { echo "could not teach the harness .latus/" >&2; exit 2; }
 
+if [ "${MODE:-sync}" = daemon ]; then
+    # Two daemons on loopback (bench/daemon.sh sets each one up); the harness
+    # counts the bytes on the loopback interface and each daemon's peak RSS.
+    SETS="${SETS:-small,large}" \
+    TOOLS="${TOOLS:-syncthing}" \
+    CACHE="${CACHE:-cold}" \
+    REPEAT="${REPEAT:-1}" \
+    CUSTOM_NAME=latus \
+    DAEMON_CMD="exec $HERE/daemon.sh $LATUS {NAME} {DIR} {STATE} {PORT} {PEER_STATE} {PEER_PORT}" \
+        "$HARNESS/run.sh"
+    exit
+fi
 SETS="${SETS:-small,large}" \
 TOOLS="${TOOLS:-rsync,unison}" \
 CACHE="${CACHE:-cold}" \

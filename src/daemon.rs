@@ -99,6 +99,15 @@ pub struct PeerStatus {
     pub addrs: Vec<String>,
 }
 
+type Published = Arc<Mutex<HashMap<String, u64>>>;
+
+fn publish(published: &Published, folder: &str, seq: u64) {
+    published
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(folder.to_string(), seq);
+}
+
 /// Why and when the sync loop should run again.
 #[derive(Default)]
 struct Wake {
@@ -124,6 +133,11 @@ struct Daemon {
     sources: Mutex<HashMap<String, Arc<FolderPeer>>>,
     /// This device's replica id of each folder (the author of its versions).
     replicas: RwLock<HashMap<String, PeerId>>,
+    /// How far each folder's history is shown to peers: to the end of the last
+    /// finished round. A scan half done would show a move's deletions without
+    /// its new paths (or the reverse), and peers would fetch what they could
+    /// have renamed. Only a folder's first scan is shown batch by batch.
+    published: Published,
     wake: (Mutex<Wake>, Condvar),
     stop: AtomicBool,
     status: Mutex<Status>,
@@ -142,6 +156,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         connections: Mutex::new(HashMap::new()),
         sources: Mutex::new(HashMap::new()),
         replicas: RwLock::new(HashMap::new()),
+        published: Arc::default(),
         wake: (Mutex::new(Wake::default()), Condvar::new()),
         stop: AtomicBool::new(false),
         status: Mutex::new(Status {
@@ -338,7 +353,9 @@ impl Daemon {
     /// Makes the folder's `.latus/` and history if missing; notes its replica id.
     fn prepare(&self, folder: &SharedFolder) -> Result<()> {
         let opened = Folder::open_or_create(&folder.path)?;
-        let replica = HistoryStore::open(&opened.history_path())?.replica_id()?;
+        let store = HistoryStore::open(&opened.history_path())?;
+        let replica = store.replica_id()?;
+        publish(&self.published, &folder.id, store.last_seq()?);
         self.replicas
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -421,7 +438,15 @@ impl RequestHandler for Daemon {
             Ok(match request {
                 Request::ChangesSince { seq, limit, .. } => {
                     let limit = limit.clamp(1, MAX_ENTRIES) as usize;
+                    let shown = self
+                        .published
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&folder.id)
+                        .copied()
+                        .unwrap_or(0);
                     let mut entries = source.changes_since(seq, limit)?;
+                    entries.retain(|e| e.seq <= shown);
                     // Long paths could make a frame too big: cut the batch short.
                     let mut bytes = 0;
                     let fits = entries
@@ -677,13 +702,15 @@ fn sync_folder(
         .insert(shared.id.clone(), replica);
     let before = store.last_seq()?;
     daemon.folder_status(&shared.id, |status| status.state = "scanning".into());
-    // Peers hear of each committed batch: they sync while a long scan goes on.
+    // During a folder's first scan peers hear of each committed batch: they
+    // sync while a long first scan goes on.
     let announce = Announce {
         folder: shared.id.clone(),
         connections: daemon.connections_for(shared),
+        published: Arc::clone(&daemon.published),
     };
     let scan_options = ScanOptions {
-        observer: Some(Arc::new(announce)),
+        observer: (before == 0).then(|| Arc::new(announce) as Arc<dyn scan::ScanObserver>),
         ..ScanOptions::default()
     };
     scan::scan(&folder, &mut store, replica, &scan_options)?;
@@ -723,6 +750,7 @@ fn sync_folder(
         );
     }
     let after = store.last_seq()?;
+    publish(&daemon.published, &shared.id, after);
     if after != before {
         for connection in daemon.connections_for(shared) {
             connection.notify_changed(&shared.id, after);
@@ -731,14 +759,16 @@ fn sync_folder(
     Ok(())
 }
 
-/// Tells peers of each batch a scan commits.
+/// Publishes each batch a first scan commits, and tells the peers.
 struct Announce {
     folder: String,
     connections: Vec<Arc<Connection>>,
+    published: Published,
 }
 
 impl scan::ScanObserver for Announce {
     fn batch_committed(&self, _entries: usize, last_seq: u64) {
+        publish(&self.published, &self.folder, last_seq);
         for connection in &self.connections {
             connection.notify_changed(&self.folder, last_seq);
         }

@@ -171,6 +171,7 @@ struct BuildJob {
 /// `None` when some content was not available.
 type BuildOutcome = Result<Option<Built>>;
 
+#[derive(Default)]
 struct Built {
     chunks: Vec<ChunkInfo>,
     bytes_local: u64,
@@ -406,14 +407,8 @@ impl<'a> Builder<'a> {
         temp: &Path,
         ranges: bool,
     ) -> Result<Assembled> {
-        let peer = self.shared.peer;
         let output = create_temp(temp)?;
-        let mut built = Built {
-            chunks: Vec::new(),
-            bytes_local: 0,
-            bytes_fetched: 0,
-            bytes_resumed: 0,
-        };
+        let mut built = Built::default();
         let mut sources = LocalSources::default();
         let mut run: Option<LocalRun> = None;
         // A content of several chunks is checked whole once it is assembled; a
@@ -442,16 +437,10 @@ impl<'a> Builder<'a> {
                     built.bytes_local += bytes.len() as u64;
                     bytes
                 }
-                _ => match peer.read_chunk(&target.path, &content, chunk)? {
-                    Some(bytes) if whole.is_some() || Hash::of(&bytes) == chunk.hash => {
+                _ => match self.fetch(target, &content, chunk, whole.is_none())? {
+                    Some(bytes) => {
                         built.bytes_fetched += bytes.len() as u64;
                         bytes
-                    }
-                    Some(_) => {
-                        return Err(Error::Peer(format!(
-                            "{}: the peer sent a chunk that does not match its hash",
-                            target.path
-                        )));
                     }
                     None => return Ok(Assembled::Unavailable),
                 },
@@ -483,6 +472,25 @@ impl<'a> Builder<'a> {
         }
         finish_file(output, temp, target)?;
         Ok(Assembled::Done(built))
+    }
+
+    /// `chunk` read from the peer; `None` when it no longer has it. With `check`,
+    /// bytes without the chunk's hash are an error (otherwise the assembled whole
+    /// is checked).
+    fn fetch(
+        &self,
+        target: &Entry,
+        content: &Hash,
+        chunk: &ChunkInfo,
+        check: bool,
+    ) -> Result<Option<Vec<u8>>> {
+        match self.shared.peer.read_chunk(&target.path, content, chunk)? {
+            Some(bytes) if check && Hash::of(&bytes) != chunk.hash => Err(Error::Peer(format!(
+                "{}: the peer sent a chunk that does not match its hash",
+                target.path
+            ))),
+            bytes => Ok(bytes),
+        }
     }
 
     /// The partial file to assemble `content` in, if builds are resumable and no
@@ -519,12 +527,7 @@ impl<'a> Builder<'a> {
             .mode(0o600)
             .open(partial)
             .map_err(|e| Error::io(partial, e))?;
-        let mut built = Built {
-            chunks: Vec::new(),
-            bytes_local: 0,
-            bytes_fetched: 0,
-            bytes_resumed: 0,
-        };
+        let mut built = Built::default();
         let mut buffer = Vec::new();
         for chunk in chunks {
             buffer.resize(chunk.len as usize, 0);
@@ -539,16 +542,10 @@ impl<'a> Builder<'a> {
                     built.bytes_local += bytes.len() as u64;
                     bytes
                 }
-                None => match self.shared.peer.read_chunk(&target.path, &content, chunk)? {
-                    Some(bytes) if Hash::of(&bytes) == chunk.hash => {
+                None => match self.fetch(target, &content, chunk, true)? {
+                    Some(bytes) => {
                         built.bytes_fetched += bytes.len() as u64;
                         bytes
-                    }
-                    Some(_) => {
-                        return Err(Error::Peer(format!(
-                            "{}: the peer sent a chunk that does not match its hash",
-                            target.path
-                        )));
                     }
                     None => return Ok(None),
                 },

@@ -529,3 +529,29 @@ fn a_daemon_killed_mid_transfer_resumes_and_does_not_fetch_everything_again() {
     assert_eq!(fetched + resumed, SIZE, "{line}");
     eprintln!("after the restart: {line}");
 }
+
+#[test]
+fn a_renamed_directory_of_thousands_of_files_sends_no_content() {
+    let (a, b) = pair();
+    for i in 0..2000 {
+        write(
+            &a.folder,
+            &format!("album/track{i:04}.bin"),
+            &bytes(2000 + i, i as u64),
+        );
+    }
+    wait_same(&a, &b);
+    let logged_before = b.log().len();
+    fs::rename(a.folder.join("album"), a.folder.join("album-renamed")).unwrap();
+    wait_same(&a, &b);
+    let since = b.log()[logged_before..].to_string();
+    let rounds: Vec<&str> = since
+        .lines()
+        .filter(|l| l.contains("changes from"))
+        .collect();
+    assert!(!rounds.is_empty(), "{since}");
+    assert!(
+        rounds.iter().all(|l| l.contains(", 0 bytes read")),
+        "{since}"
+    );
+}
