@@ -853,6 +853,48 @@ impl Peer for RemoteFolder {
             _ => Err(self.unexpected()),
         }
     }
+
+    fn read_chunks(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunks: &[ChunkInfo],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        // All the requests go out before the first answer is awaited.
+        let pending: Vec<_> = chunks
+            .iter()
+            .map(|chunk| {
+                let connection = Arc::clone(&self.connection);
+                let request = Request::ReadChunk {
+                    folder: self.folder.clone(),
+                    path: path.to_string(),
+                    content: content.0,
+                    chunk: WireChunk::from(chunk),
+                };
+                self.handle
+                    .spawn(async move { connection.request(request).await })
+            })
+            .collect();
+        self.handle.block_on(async {
+            let mut answers = Vec::with_capacity(pending.len());
+            for task in pending {
+                let response = task
+                    .await
+                    .map_err(|e| Error::Internal(format!("a chunk request stopped: {e}")))??;
+                answers.push(match response {
+                    Response::Chunk(bytes) => bytes,
+                    Response::Refused(reason) => {
+                        return Err(Error::Peer(format!(
+                            "{} refused: {reason}",
+                            self.connection.name
+                        )));
+                    }
+                    _ => return Err(self.unexpected()),
+                });
+            }
+            Ok(answers)
+        })
+    }
 }
 
 fn unix_seconds() -> u64 {

@@ -181,6 +181,8 @@ struct Built {
 
 /// In `.latus/`: files being assembled from a peer's chunks, by content hash.
 pub const PARTIAL_DIR: &str = "partial";
+/// Chunks a resumable build asks the peer for at once.
+const CHUNKS_IN_FLIGHT: usize = 16;
 
 fn build_worker(
     mut builder: Builder<'_>,
@@ -529,30 +531,61 @@ impl<'a> Builder<'a> {
             .map_err(|e| Error::io(partial, e))?;
         let mut built = Built::default();
         let mut buffer = Vec::new();
-        for chunk in chunks {
-            buffer.resize(chunk.len as usize, 0);
-            if output.read_exact_at(&mut buffer, chunk.offset).is_ok()
-                && Hash::of(&buffer) == chunk.hash
-            {
-                built.bytes_resumed += u64::from(chunk.len);
+        let write = |bytes: &[u8], chunk: &ChunkInfo| {
+            output
+                .write_all_at(bytes, chunk.offset)
+                .map_err(|e| Error::io(partial, e))
+        };
+        for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
+            let mut missing = Vec::new();
+            for chunk in window {
+                buffer.resize(chunk.len as usize, 0);
+                if output.read_exact_at(&mut buffer, chunk.offset).is_ok()
+                    && Hash::of(&buffer) == chunk.hash
+                {
+                    built.bytes_resumed += u64::from(chunk.len);
+                } else if let Some(bytes) = self.local_chunk(chunk)? {
+                    built.bytes_local += bytes.len() as u64;
+                    write(&bytes, chunk)?;
+                } else {
+                    missing.push(*chunk);
+                }
+            }
+            if missing.is_empty() {
                 continue;
             }
-            let bytes = match self.local_chunk(chunk)? {
-                Some(bytes) => {
-                    built.bytes_local += bytes.len() as u64;
-                    bytes
-                }
-                None => match self.fetch(target, &content, chunk, true)? {
-                    Some(bytes) => {
+            let fetched = self
+                .shared
+                .peer
+                .read_chunks(&target.path, &content, &missing)?;
+            if fetched.len() != missing.len() {
+                return Err(Error::Peer(format!(
+                    "{}: the peer answered {} of {} chunks",
+                    target.path,
+                    fetched.len(),
+                    missing.len()
+                )));
+            }
+            let mut complete = true;
+            for (chunk, bytes) in missing.iter().zip(fetched) {
+                match bytes {
+                    Some(bytes) if Hash::of(&bytes) == chunk.hash => {
                         built.bytes_fetched += bytes.len() as u64;
-                        bytes
+                        write(&bytes, chunk)?;
                     }
-                    None => return Ok(None),
-                },
-            };
-            output
-                .write_all_at(&bytes, chunk.offset)
-                .map_err(|e| Error::io(partial, e))?;
+                    Some(_) => {
+                        return Err(Error::Peer(format!(
+                            "{}: the peer sent a chunk that does not match its hash",
+                            target.path
+                        )));
+                    }
+                    // What did arrive stays in the partial file for the next try.
+                    None => complete = false,
+                }
+            }
+            if !complete {
+                return Ok(None);
+            }
         }
         output
             .set_len(target.size)

@@ -27,6 +27,19 @@ pub trait Peer: Sync {
     /// (where to look first); `None` when it no longer holds them (the file
     /// changed since it was hashed).
     fn read_chunk(&self, path: &str, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>>;
+    /// Several chunks of `content`, each as [`Peer::read_chunk`] would answer.
+    /// A network peer asks for all of them before it waits for any.
+    fn read_chunks(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunks: &[ChunkInfo],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        chunks
+            .iter()
+            .map(|chunk| self.read_chunk(path, content, chunk))
+            .collect()
+    }
 }
 
 /// Contents whose current holders [`FolderPeer`] remembers: a file of many chunks
