@@ -40,6 +40,23 @@ impl Pair {
     }
 
     /// Syncs and checks the outcome every sync must have: identical trees.
+    /// Scans A and plans B's side of a sync, without applying it: B's folder,
+    /// history, A as its peer, and the plan.
+    fn plan_b_by_hand(&self) -> (Folder, HistoryStore, FolderPeer, diff::Plan) {
+        let (fa, fb) = (
+            Folder::open(&self.a).unwrap(),
+            Folder::open(&self.b).unwrap(),
+        );
+        let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
+        let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
+        let replica_a = sa.replica_id().unwrap();
+        scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
+        let peer_a = FolderPeer::open(&fa).unwrap();
+        exchange(&mut sb, &peer_a).unwrap();
+        let plan = diff::plan(&sb, &peer_a.id()).unwrap();
+        (fb, sb, peer_a, plan)
+    }
+
     fn converge(&self) -> SyncReport {
         let report = self.sync();
         assert!(report.identical, "{:?}", report.differences);
@@ -251,14 +268,7 @@ fn a_local_chunk_source_that_changed_unseen_is_not_trusted() {
     write(&p.a, "new.bin", &new);
     // Plan B's side by hand, then change B's old.bin behind the same size and
     // mtime: its chunks are no longer what B's history says they are.
-    let (fa, fb) = (Folder::open(&p.a).unwrap(), Folder::open(&p.b).unwrap());
-    let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
-    let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
-    let replica_a = sa.replica_id().unwrap();
-    scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
-    let peer_a = FolderPeer::open(&fa).unwrap();
-    exchange(&mut sb, &peer_a).unwrap();
-    let plan = diff::plan(&sb, &peer_a.id()).unwrap();
+    let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
     assert_eq!(plan.actions.len(), 1);
     let old_path = p.b.join("old.bin");
     let mtime = fs::metadata(&old_path).unwrap().modified().unwrap();
@@ -301,20 +311,13 @@ fn a_local_edit_not_yet_scanned_is_never_overwritten() {
     p.converge();
     write(&p.a, "doc.txt", b"v2 from a");
     // Plan B's side by hand, then edit B's file before the plan is applied.
-    let (fa, fb) = (Folder::open(&p.a).unwrap(), Folder::open(&p.b).unwrap());
-    let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
-    let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
-    let replica_a = sa.replica_id().unwrap();
-    scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
-    let peer_a = FolderPeer::open(&fa).unwrap();
-    exchange(&mut sb, &peer_a).unwrap();
-    let plan = diff::plan(&sb, &peer_a.id()).unwrap();
+    let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
     assert_eq!(plan.actions.len(), 1);
     write(&p.b, "doc.txt", b"v2 from b, unscanned");
     let merged = merge::apply(&fb, &mut sb, &peer_a, plan, &MergeOptions::default()).unwrap();
     assert_eq!(merged.deferred, vec!["doc.txt".to_string()]);
     assert_eq!(files(&p.b)["doc.txt"], b"v2 from b, unscanned");
-    drop((sa, sb, peer_a));
+    drop((sb, peer_a));
     // The next sync scans it and the rules make it a conflict: both kept.
     let report = p.converge();
     assert_eq!(report.conflicts.len(), 1);
