@@ -1,5 +1,5 @@
 //! Command-line interface: `latus init`, `id`, `scan`, `log`, `sync`, `trash`,
-//! `peer`, `folder`.
+//! `serve`, `status`, `peer`, `folder`, `xmpp`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use latus::scan::{self, ScanObserver, ScanOptions, ScanSummary};
 use latus::shares::Shares;
 use latus::sync::{self as local_sync, SyncOptions, SyncReport};
 use latus::trash;
+use latus::xmpp::XmppConfig;
 
 /// Exit code of a command that failed.
 pub const EXIT_ERROR: u8 = 2;
@@ -145,6 +146,37 @@ enum Command {
         #[command(subcommand)]
         command: FolderCommand,
     },
+    /// The XMPP account through which `latus serve` finds this user's other
+    /// devices (and peers' contacts) without knowing their addresses.
+    Xmpp {
+        #[command(subcommand)]
+        command: XmppCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum XmppCommand {
+    /// Log in as JID (every device of the account uses the same JID, each with a
+    /// resource of its own).
+    Set {
+        /// A bare JID: user@example.org.
+        jid: String,
+        /// A file holding the password ("-": standard input). It is copied to a
+        /// file readable only by you; or give it to `latus serve` in
+        /// $LATUS_XMPP_PASSWORD instead.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// The server, HOST:PORT; default: the JID's domain (DNS SRV, port 5222).
+        #[arg(long, value_name = "HOST:PORT")]
+        server: Option<String>,
+    },
+    /// Show the account (never the password).
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the account and its password.
+    Remove,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +190,10 @@ enum PeerCommand {
         /// Where to reach it, HOST:PORT (repeatable).
         #[arg(long = "addr", value_name = "HOST:PORT")]
         addrs: Vec<String>,
+        /// The XMPP account of its owner, when it is not yours: that contact's
+        /// announcements may then speak for this peer.
+        #[arg(long, value_name = "JID")]
+        jid: Option<String>,
     },
     /// List the known peers.
     List {
@@ -272,6 +308,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ),
         Command::Peer { command } => peer_command(&home, command),
         Command::Folder { command } => folder_command(&home, command),
+        Command::Xmpp { command } => xmpp_command(&home, command),
     }?;
     Ok(ExitCode::SUCCESS)
 }
@@ -452,6 +489,62 @@ fn serve(
     Ok(())
 }
 
+fn xmpp_command(home: &Home, command: XmppCommand) -> Result<()> {
+    match command {
+        XmppCommand::Set {
+            jid,
+            password_file,
+            server,
+        } => {
+            let password = match password_file {
+                None => None,
+                Some(path) if path.as_os_str() == "-" => {
+                    let mut password = String::new();
+                    std::io::stdin()
+                        .read_line(&mut password)
+                        .context("reading the password from standard input")?;
+                    Some(password)
+                }
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+            };
+            let password = password.map(|p| p.trim_end_matches(['\r', '\n']).to_string());
+            if password.as_deref() == Some("") {
+                anyhow::bail!("the password file is empty");
+            }
+            let config = XmppConfig { jid, server };
+            let jid = config.check()?;
+            let config = XmppConfig {
+                jid: jid.to_string(),
+                ..config
+            };
+            config.save(home, password.as_deref())?;
+            println!("xmpp account {} saved", config.jid);
+        }
+        XmppCommand::Show { json } => {
+            let config = XmppConfig::load(home)?;
+            if json {
+                println!("{}", serde_json::to_string(&config)?);
+            } else if let Some(config) = config {
+                let server = config.server.as_deref().unwrap_or("from the JID's domain");
+                println!("{}  server: {server}", config.jid);
+            } else {
+                println!("no xmpp account (set one with `latus xmpp set JID`)");
+            }
+        }
+        XmppCommand::Remove => {
+            if XmppConfig::remove(home)? {
+                println!("xmpp account removed");
+            } else {
+                println!("no xmpp account");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn print_status(home: &Home, json: bool) -> Result<()> {
     let status = latus::daemon::read_status(home)?;
     if json {
@@ -468,6 +561,9 @@ fn print_status(home: &Home, json: bool) -> Result<()> {
     };
     println!("device {}", status.device);
     println!("listening on {} (pid {})", status.listen, status.pid);
+    if let Some(xmpp) = &status.xmpp {
+        println!("xmpp: {} as {}", xmpp.state, xmpp.jid);
+    }
     for folder in &status.folders {
         let mut line = format!(
             "folder {}  {}  {}",
@@ -489,11 +585,13 @@ fn print_status(home: &Home, json: bool) -> Result<()> {
         } else {
             "not connected"
         };
+        let mut addrs = peer.addrs.clone();
+        addrs.extend(peer.discovered.iter().map(|addr| format!("{addr} (xmpp)")));
         println!(
             "peer {} ({})  {state}  {}",
             peer.name,
             peer.id,
-            peer.addrs.join(" ")
+            addrs.join(" ")
         );
     }
     Ok(())
@@ -520,13 +618,14 @@ fn peer_command(home: &Home, command: PeerCommand) -> Result<()> {
             peer_id,
             name,
             addrs,
+            jid,
         } => {
             let id = parse_peer_id(&peer_id)?;
             anyhow::ensure!(
                 home.peer_id()? != Some(id),
                 "{id} is this device's own id: add the id another device's `latus id` prints"
             );
-            let peer = shares.add_peer(&id, name.as_deref(), &addrs)?;
+            let peer = shares.add_peer(&id, name.as_deref(), &addrs, jid.as_deref())?;
             println!("peer {} ({})", peer.id, peer.name);
         }
         PeerCommand::List { json } => {

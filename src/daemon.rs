@@ -17,11 +17,11 @@
 //! Not yet here: targeted rescans of the paths the watcher names (each wake scans the whole
 //! folder, unchanged files by stat only).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use notify::Watcher;
@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio_xmpp::jid::BareJid;
 
 use crate::content::{ChunkInfo, Hash};
 use crate::device::{Home, PeerId};
@@ -46,8 +48,9 @@ use crate::net::protocol::{
 use crate::net::tls::{self, Allowed};
 use crate::peer::{FolderPeer, Peer};
 use crate::scan::{self, ScanOptions};
-use crate::shares::{SharedFolder, Shares};
+use crate::shares::{KnownPeer, SharedFolder, Shares};
 use crate::sync::{self as local_sync, SyncOptions};
+use crate::xmpp::{self, XmppClient, XmppConfig, XmppEvents, XmppState};
 
 /// The file in the data directory that holds the address `latus serve` listens on.
 pub const ADDR_FILE: &str = "serve.addr";
@@ -74,6 +77,14 @@ pub struct Status {
     pub listen: String,
     pub folders: Vec<FolderStatus>,
     pub peers: Vec<PeerStatus>,
+    pub xmpp: Option<XmppStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct XmppStatus {
+    pub jid: String,
+    /// "connecting", "online", "reconnecting (…)", "authentication failed", …
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -87,6 +98,9 @@ pub struct FolderStatus {
     /// Conflict copies made since the daemon started.
     pub conflicts: usize,
     pub last_error: Option<String>,
+    /// How far each peer (by name) said over XMPP its history of the folder
+    /// reaches: news even from a peer that cannot be reached directly.
+    pub announced: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -97,6 +111,8 @@ pub struct PeerStatus {
     /// Unix time (seconds) it was last connected.
     pub last_seen: Option<u64>,
     pub addrs: Vec<String>,
+    /// The addresses it announced over XMPP.
+    pub discovered: Vec<String>,
 }
 
 type Published = Arc<Mutex<HashMap<String, u64>>>;
@@ -128,6 +144,12 @@ struct Daemon {
     data_dir: PathBuf,
     allowed: Allowed,
     folders: RwLock<Vec<SharedFolder>>,
+    peers: RwLock<Vec<KnownPeer>>,
+    /// The addresses peers announced over XMPP, dialled besides the configured ones.
+    discovered: Mutex<HashMap<PeerId, Vec<String>>>,
+    /// Wakes the dialers when a peer announced new addresses.
+    addrs_changed: Notify,
+    xmpp: Mutex<Option<XmppClient>>,
     connections: Mutex<HashMap<PeerId, Vec<Arc<Connection>>>>,
     /// Folder sources answering peers' requests, one per folder id.
     sources: Mutex<HashMap<String, Arc<FolderPeer>>>,
@@ -153,6 +175,10 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         data_dir: home.data_dir.clone(),
         allowed: Arc::new(RwLock::new(peers.iter().map(|p| p.id).collect())),
         folders: RwLock::new(shares.folders()?),
+        peers: RwLock::new(peers.clone()),
+        discovered: Mutex::new(HashMap::new()),
+        addrs_changed: Notify::new(),
+        xmpp: Mutex::new(None),
         connections: Mutex::new(HashMap::new()),
         sources: Mutex::new(HashMap::new()),
         replicas: RwLock::new(HashMap::new()),
@@ -204,8 +230,14 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
     daemon.update_status(|status| status.listen = bound.to_string());
 
     runtime.spawn(accept_loop(Arc::clone(&daemon), listener));
-    for peer in peers.into_iter().filter(|p| !p.addrs.is_empty()) {
-        runtime.spawn(dial_loop(Arc::clone(&daemon), peer.id, peer.addrs));
+    // Every known peer: those without an address may announce one over XMPP.
+    for peer in peers {
+        runtime.spawn(dial_loop(Arc::clone(&daemon), peer.id));
+    }
+    match XmppConfig::load(home) {
+        Ok(Some(config)) => start_xmpp(&daemon, home, config, bound),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("not using XMPP: {e}"),
     }
     let _watcher = watch(&daemon);
     let syncer = {
@@ -218,6 +250,10 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
     daemon.wake_up();
     // The round under way finishes its file (every placement is atomic).
     let _ = syncer.join();
+    let xmpp = daemon.xmpp.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(xmpp) = xmpp {
+        xmpp.stop();
+    }
     let _ = std::fs::remove_file(&addr_file);
     let _ = std::fs::remove_file(home.data_dir.join(STATUS_FILE));
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -395,6 +431,25 @@ impl Daemon {
         self.wake_up();
     }
 
+    /// The configured addresses of `peer`, then those it announced over XMPP.
+    fn addrs_of(&self, peer: &PeerId) -> Vec<String> {
+        let mut addrs = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|p| p.id == *peer)
+            .map(|p| p.addrs.clone())
+            .unwrap_or_default();
+        let discovered = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
+        for addr in discovered.get(peer).into_iter().flatten() {
+            if !addrs.contains(addr) {
+                addrs.push(addr.clone());
+            }
+        }
+        addrs
+    }
+
     fn is_connected(&self, peer: &PeerId) -> bool {
         self.connections
             .lock()
@@ -543,22 +598,28 @@ where
     daemon.peer_status(&peer, still);
 }
 
-/// Keeps a connection to `peer` open, trying its addresses in turn with a backoff.
-async fn dial_loop(daemon: Arc<Daemon>, peer: PeerId, addrs: Vec<String>) {
-    let mut backoff = Duration::from_millis(500);
+/// Keeps a connection to `peer` open, trying its addresses (configured and
+/// announced over XMPP) in turn with a backoff; new announced addresses are
+/// tried at once.
+async fn dial_loop(daemon: Arc<Daemon>, peer: PeerId) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+    let mut backoff = FIRST_BACKOFF;
     while !daemon.stop.load(Ordering::Relaxed) {
+        let addrs_changed = daemon.addrs_changed.notified();
         if daemon.is_connected(&peer) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        for addr in &addrs {
-            match dial(&daemon, peer, addr).await {
-                Ok(()) => backoff = Duration::from_millis(500),
+        for addr in daemon.addrs_of(&peer) {
+            match dial(&daemon, peer, &addr).await {
+                Ok(()) => backoff = FIRST_BACKOFF,
                 Err(e) => tracing::debug!("{addr}: {e}"),
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(MAX_BACKOFF),
+            _ = addrs_changed => backoff = FIRST_BACKOFF,
+        }
     }
 }
 
@@ -636,6 +697,7 @@ fn sync_loop(daemon: &Daemon, handle: &Handle, options: &ServeOptions) {
                 *daemon.folders.write().unwrap_or_else(|p| p.into_inner()) = folders;
                 *daemon.allowed.write().unwrap_or_else(|p| p.into_inner()) =
                     peers.iter().map(|p| p.id).collect();
+                *daemon.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
             }
             Err(e) => tracing::warn!("reading the share list: {e}"),
         }
@@ -754,6 +816,10 @@ fn sync_folder(
     if after != before {
         for connection in daemon.connections_for(shared) {
             connection.notify_changed(&shared.id, after);
+        }
+        // Also to the peers not connected: they learn they are behind.
+        if let Some(xmpp) = &*daemon.xmpp.lock().unwrap_or_else(|p| p.into_inner()) {
+            xmpp.send_changed(shared.peers.clone(), &shared.id, after);
         }
     }
     Ok(())
@@ -918,4 +984,167 @@ pub fn read_status(home: &Home) -> Result<Option<Status>> {
     // A daemon killed without a chance to clean up leaves its file behind.
     let alive = Path::new("/proc").join(status.pid.to_string()).exists();
     Ok(alive.then_some(status))
+}
+
+/// Logs in to the device's XMPP account on a thread of its own; a missing
+/// password is reported, and syncing goes on over the configured addresses.
+fn start_xmpp(daemon: &Arc<Daemon>, home: &Home, config: XmppConfig, bound: SocketAddr) {
+    let set_state = |state: String| {
+        daemon.update_status(|status| {
+            status.xmpp = Some(XmppStatus {
+                jid: config.jid.clone(),
+                state,
+            })
+        })
+    };
+    let started = (|| {
+        let jid = config.check()?;
+        let password = xmpp::password(home)?;
+        let peers = daemon.peers.read().unwrap_or_else(|p| p.into_inner());
+        let contacts = peers
+            .iter()
+            .filter_map(|p| BareJid::new(p.jid.as_deref()?).ok())
+            .filter(|contact| *contact != jid)
+            .collect();
+        let settings = xmpp::Settings {
+            resource: xmpp::resource_for(&daemon.name, &daemon.identity.peer_id()),
+            jid,
+            password,
+            server: config.server.clone(),
+            peer: daemon.identity.peer_id(),
+            addrs: announced_addrs(bound),
+            contacts,
+            login_timeout: XMPP_LOGIN_TIMEOUT,
+        };
+        tracing::info!(
+            "xmpp: logging in as {}/{}, announcing {:?}",
+            settings.jid,
+            settings.resource,
+            settings.addrs
+        );
+        let link = Arc::new(XmppLink(Arc::downgrade(daemon)));
+        XmppClient::start(settings, link)
+    })();
+    match started {
+        Ok(client) => {
+            set_state(XmppState::Connecting.to_string());
+            *daemon.xmpp.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+        }
+        Err(e) => {
+            tracing::error!("xmpp: {e}");
+            set_state(e.to_string());
+        }
+    }
+}
+
+/// How long the first XMPP login may take before the daemon finds out why not.
+const XMPP_LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The addresses peers can dial: the bound one, or every interface's address
+/// when bound to all of them (loopback ones only if nothing else).
+fn announced_addrs(bound: SocketAddr) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let ips: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|interface| interface.ip())
+        .filter(|ip| ip.is_ipv4() == bound.is_ipv4() || bound.is_ipv6())
+        .collect();
+    let outside: Vec<IpAddr> = ips.iter().copied().filter(|ip| !ip.is_loopback()).collect();
+    let chosen = if outside.is_empty() { ips } else { outside };
+    chosen
+        .into_iter()
+        .take(xmpp::stanza::MAX_ADDRS)
+        .map(|ip| SocketAddr::new(ip, bound.port()))
+        .collect()
+}
+
+/// What the XMPP client reports to the daemon (weak: the client's thread must
+/// not keep the daemon alive).
+struct XmppLink(Weak<Daemon>);
+
+impl XmppEvents for XmppLink {
+    fn state(&self, state: XmppState) {
+        let Some(daemon) = self.0.upgrade() else {
+            return;
+        };
+        daemon.update_status(|status| {
+            if let Some(xmpp) = &mut status.xmpp {
+                xmpp.state = state.to_string();
+            }
+        });
+    }
+
+    fn announced(&self, from: &BareJid, own_account: bool, peer: PeerId, addrs: Vec<SocketAddr>) {
+        let Some(daemon) = self.0.upgrade() else {
+            return;
+        };
+        let known = daemon
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|p| p.id == peer)
+            .cloned();
+        let Some(known) = known else {
+            tracing::warn!(
+                "xmpp: {from} announced peer {peer}, which is not a known peer; ignored"
+            );
+            return;
+        };
+        if !own_account && known.jid.as_deref() != Some(from.as_str()) {
+            tracing::warn!(
+                "xmpp: {from} announced peer {peer}, which is not that contact's device; ignored"
+            );
+            return;
+        }
+        let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        let previous = daemon
+            .discovered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, addrs.clone());
+        if previous.as_ref() == Some(&addrs) {
+            return;
+        }
+        tracing::info!("xmpp: peer {} ({peer}) announced {addrs:?}", known.name);
+        let id = peer.to_string();
+        daemon.update_status(|status| {
+            if let Some(entry) = status.peers.iter_mut().find(|p| p.id == id) {
+                entry.discovered = addrs;
+            }
+        });
+        daemon.addrs_changed.notify_waiters();
+    }
+
+    fn changed(&self, peer: PeerId, folder: &str, seq: u64) {
+        let Some(daemon) = self.0.upgrade() else {
+            return;
+        };
+        if daemon.shared_folder(&peer, folder).is_none() {
+            tracing::warn!(
+                "xmpp: peer {peer} sent news of folder {folder:?}, not shared with it; ignored"
+            );
+            return;
+        }
+        let name = daemon
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|p| p.id == peer)
+            .map_or_else(|| peer.short(), |p| p.name.clone());
+        daemon.folder_status(folder, |status| {
+            status.announced.insert(name.clone(), seq);
+        });
+        if daemon.is_connected(&peer) {
+            daemon.wake_up();
+        } else {
+            tracing::info!(
+                "xmpp: peer {name} has folder {folder} up to {seq}, but is not connected"
+            );
+        }
+    }
 }

@@ -63,6 +63,8 @@ pub enum Error {
     Internal(String),
     #[error("peer: {0}")]
     Peer(String),
+    #[error("xmpp: {0}")]
+    Xmpp(String),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("trash of {}: no trashed version of {path:?}", root.display())]

@@ -26,6 +26,7 @@ pub mod shares;
 pub mod sync;
 pub mod throttle;
 pub mod trash;
+pub mod xmpp;
 
 pub use error::{Error, Result};
 

@@ -19,7 +19,9 @@ const SCHEMA: &str = r#"
         id BLOB PRIMARY KEY,
         name TEXT NOT NULL,
         -- HOST:PORT, one per line.
-        addrs TEXT NOT NULL
+        addrs TEXT NOT NULL,
+        -- The bare XMPP JID of the peer's owner when it is another account (a contact).
+        jid TEXT
     ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS folders (
         id TEXT PRIMARY KEY,
@@ -38,6 +40,9 @@ pub struct KnownPeer {
     pub id: PeerId,
     pub name: String,
     pub addrs: Vec<String>,
+    /// The XMPP account (bare JID) whose stanzas may speak for this peer when it
+    /// is not this device's own account.
+    pub jid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -73,8 +78,22 @@ impl Shares {
             .busy_timeout(Duration::from_secs(3))
             .and_then(|()| shares.conn.execute_batch("PRAGMA foreign_keys = ON;"))
             .and_then(|()| shares.conn.execute_batch(SCHEMA))
+            .and_then(|()| shares.add_jid_column())
             .map_err(|e| shares.err(e))?;
         Ok(shares)
+    }
+
+    /// `device.db` files made before peers had a JID get the column.
+    fn add_jid_column(&self) -> rusqlite::Result<()> {
+        let has_jid = self
+            .conn
+            .prepare("SELECT 1 FROM pragma_table_info('peers') WHERE name = 'jid'")?
+            .exists([])?;
+        if !has_jid {
+            self.conn
+                .execute_batch("ALTER TABLE peers ADD COLUMN jid TEXT")?;
+        }
+        Ok(())
     }
 
     fn err(&self, e: rusqlite::Error) -> Error {
@@ -82,7 +101,13 @@ impl Shares {
     }
 
     /// Adds a peer, or updates its name and adds addresses if it is known.
-    pub fn add_peer(&self, id: &PeerId, name: Option<&str>, addrs: &[String]) -> Result<KnownPeer> {
+    pub fn add_peer(
+        &self,
+        id: &PeerId,
+        name: Option<&str>,
+        addrs: &[String],
+        jid: Option<&str>,
+    ) -> Result<KnownPeer> {
         for addr in addrs {
             check_addr(addr)?;
         }
@@ -90,9 +115,18 @@ impl Shares {
             id: *id,
             name: id.short(),
             addrs: Vec::new(),
+            jid: None,
         });
         if let Some(name) = name {
             peer.name = name.to_string();
+        }
+        if let Some(jid) = jid {
+            let bare = crate::xmpp::XmppConfig {
+                jid: jid.to_string(),
+                server: None,
+            }
+            .check()?;
+            peer.jid = Some(bare.to_string());
         }
         for addr in addrs {
             if !peer.addrs.contains(addr) {
@@ -101,9 +135,10 @@ impl Shares {
         }
         self.conn
             .execute(
-                "INSERT INTO peers (id, name, addrs) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, addrs = excluded.addrs",
-                params![&id.0[..], peer.name, peer.addrs.join("\n")],
+                "INSERT INTO peers (id, name, addrs, jid) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, addrs = excluded.addrs, \
+                 jid = excluded.jid",
+                params![&id.0[..], peer.name, peer.addrs.join("\n"), peer.jid],
             )
             .map_err(|e| self.err(e))?;
         Ok(peer)
@@ -121,7 +156,7 @@ impl Shares {
     pub fn peer(&self, id: &PeerId) -> Result<Option<KnownPeer>> {
         self.conn
             .query_row(
-                "SELECT id, name, addrs FROM peers WHERE id = ?1",
+                "SELECT id, name, addrs, jid FROM peers WHERE id = ?1",
                 [&id.0[..]],
                 peer_from_row,
             )
@@ -132,7 +167,7 @@ impl Shares {
     pub fn peers(&self) -> Result<Vec<KnownPeer>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, name, addrs FROM peers ORDER BY name, id")
+            .prepare("SELECT id, name, addrs, jid FROM peers ORDER BY name, id")
             .map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], peer_from_row).map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<_>>()
@@ -264,6 +299,7 @@ fn peer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KnownPeer> {
         id,
         name: row.get(1)?,
         addrs: addrs.lines().map(str::to_string).collect(),
+        jid: row.get(3)?,
     })
 }
 
@@ -317,10 +353,12 @@ mod tests {
         let shares = Shares::open(dir.path()).unwrap();
         let (a, b) = (PeerId([1; 32]), PeerId([2; 32]));
         shares
-            .add_peer(&a, Some("laptop"), &["127.0.0.1:22000".into()])
+            .add_peer(&a, Some("laptop"), &["127.0.0.1:22000".into()], None)
             .unwrap();
-        shares.add_peer(&a, None, &["[::1]:22000".into()]).unwrap();
-        shares.add_peer(&b, None, &[]).unwrap();
+        shares
+            .add_peer(&a, None, &["[::1]:22000".into()], Some("Bob@Example.org"))
+            .unwrap();
+        shares.add_peer(&b, None, &[], None).unwrap();
         let music = dir.path().join("music");
         std::fs::create_dir(&music).unwrap();
         shares.add_folder("music", &music).unwrap();
@@ -331,6 +369,8 @@ mod tests {
         let peer_a = reopened.peer(&a).unwrap().unwrap();
         assert_eq!(peer_a.name, "laptop");
         assert_eq!(peer_a.addrs, vec!["127.0.0.1:22000", "[::1]:22000"]);
+        // JIDs are kept in their normalised (lower-case) form.
+        assert_eq!(peer_a.jid.as_deref(), Some("bob@example.org"));
         assert_eq!(reopened.folders_shared_with(&a).unwrap().len(), 1);
         assert!(reopened.folders_shared_with(&b).unwrap().is_empty());
         assert_eq!(reopened.folder("music").unwrap().unwrap().peers, vec![a]);
@@ -347,8 +387,14 @@ mod tests {
         let peer = PeerId([3; 32]);
         for addr in ["nohost", ":22000", "host:0", "host:99999"] {
             assert!(
-                shares.add_peer(&peer, None, &[addr.into()]).is_err(),
+                shares.add_peer(&peer, None, &[addr.into()], None).is_err(),
                 "{addr}"
+            );
+        }
+        for jid in ["example.org", "a@b@c", ""] {
+            assert!(
+                shares.add_peer(&peer, None, &[], Some(jid)).is_err(),
+                "{jid}"
             );
         }
         for id in [
