@@ -637,7 +637,12 @@ async fn dial(daemon: &Arc<Daemon>, peer: PeerId, addr: &str) -> Result<()> {
     let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
         .await
         .map_err(|_| Error::Peer(format!("{addr}: TLS handshake timed out")))?
-        .map_err(|e| Error::Peer(format!("{addr}: {e}")))?;
+        .map_err(|e| {
+            // Someone listens there but is not this peer (or does not know us):
+            // worth a warning, unlike a closed port.
+            tracing::warn!("{addr}: TLS handshake with peer {peer} failed: {e}");
+            Error::Peer(format!("{addr}: {e}"))
+        })?;
     serve_connection(Arc::clone(daemon), tls, peer, from).await;
     Ok(())
 }

@@ -12,20 +12,24 @@ use sasl::common::{ChannelBinding, Credentials};
 use tokio::io::BufStream;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_xmpp::Stanza;
 use tokio_xmpp::connect::tls_common::TlsStream;
 use tokio_xmpp::connect::{DnsConfig, ServerConnector, starttls::starttls};
 use tokio_xmpp::error::ProtocolError;
 use tokio_xmpp::jid::{BareJid, FullJid, Jid};
 use tokio_xmpp::parsers::message::Message;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::stanzastream::{Event, StanzaStream, StreamEvent};
 use tokio_xmpp::xmlstream::{PendingFeaturesRecv, StreamHeader, Timeouts, initiate_stream};
-use tokio_xmpp::{Client, Event, Stanza};
 
 use super::stanza::Payload;
 use super::{Command, Settings, XmppEvents, XmppState, server_host_port};
 use crate::device::PeerId;
 
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+/// Stanzas queued each way before the other side waits.
+const QUEUE_DEPTH: usize = 64;
 
 /// Connects like tokio-xmpp's STARTTLS connector, but with `TCP_NODELAY`: with
 /// Nagle's algorithm on, each small stanza waits for the delayed ACK of the last
@@ -83,7 +87,10 @@ impl ServerConnector for Connector {
 
 enum Ended {
     Stopped,
+    /// Could not come online.
     Failed(String),
+    /// Was online, then lost the server.
+    Lost,
 }
 
 /// The XMPP thread: sessions until told to stop, each on a runtime of its own.
@@ -92,7 +99,7 @@ pub(super) fn run(
     events: Arc<dyn XmppEvents>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
-    let mut delay = Duration::from_secs(2);
+    let mut delay = FIRST_RETRY_DELAY;
     loop {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -117,6 +124,10 @@ pub(super) fn run(
             Ended::Failed(reason) => {
                 tracing::warn!("xmpp: {reason}; trying again in {delay:?}");
                 events.state(XmppState::Failed(reason));
+            }
+            Ended::Lost => {
+                delay = FIRST_RETRY_DELAY;
+                events.state(XmppState::Reconnecting("lost the server".into()));
             }
         }
         if wait_or_stop(delay, &mut commands) {
@@ -162,29 +173,35 @@ async fn session(
         Ok(connector) => connector,
         Err(e) => return Ended::Failed(e.to_string()),
     };
-    let mut client = Client::new_with_connector(
-        full,
-        settings.password.clone(),
+    // The stanza stream itself rather than tokio-xmpp's `Client`: the client
+    // keeps a lost connection to itself (it never says "suspended").
+    let mut client = StanzaStream::new_c2s(
         connector.clone(),
+        full.into(),
+        settings.password.clone(),
         Timeouts::tight(),
+        QUEUE_DEPTH,
     );
     // tokio-xmpp retries a failed login without a word: wait a while for the
-    // first `Online`, then find out why it does not come.
+    // first connection, then find out why it does not come.
     let first = tokio::select! {
         first = tokio::time::timeout(settings.login_timeout, first_online(&mut client)) => first,
         _ = stop_requested(commands) => return Ended::Stopped,
     };
-    match first {
-        Ok(Some(bound)) => tracing::info!("xmpp: online as {bound}"),
+    let bound = match first {
+        Ok(Some(bound)) => {
+            tracing::info!("xmpp: online as {bound}");
+            bound
+        }
         Ok(None) => return Ended::Failed("the XMPP client stopped".into()),
         Err(_) => return Ended::Failed(diagnose(settings, &connector).await),
-    }
+    };
     let mut state = State {
         settings,
         events,
         own: settings.jid.clone(),
         contacts: settings.contacts.iter().cloned().collect(),
-        bound: client.bound_jid().cloned(),
+        bound: bound.try_as_full().ok().cloned(),
         devices: HashMap::new(),
         announced_to: HashSet::new(),
     };
@@ -194,27 +211,31 @@ async fn session(
         tokio::select! {
             event = client.next() => match event {
                 None => return Ended::Failed("the XMPP client stopped".into()),
-                Some(Event::Online { bound_jid, resumed, .. }) => {
-                    tracing::info!("xmpp: online again as {bound_jid} (session resumed: {resumed})");
+                Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) => {
+                    tracing::info!("xmpp: online again as {bound_jid} (a new session)");
                     state.bound = bound_jid.try_as_full().ok().cloned();
                     events.state(XmppState::Online);
-                    if !resumed {
-                        state.came_online(&mut client).await;
-                    }
+                    state.came_online(&mut client).await;
                 }
-                Some(Event::Disconnected(e)) => {
-                    tracing::warn!("xmpp: disconnected: {e}; reconnecting");
-                    events.state(XmppState::Reconnecting(e.to_string()));
+                Some(Event::Stream(StreamEvent::Resumed)) => {
+                    tracing::info!("xmpp: online again (the session resumed)");
+                    events.state(XmppState::Online);
+                }
+                Some(Event::Stream(StreamEvent::Suspended)) => {
+                    // A new session rather than tokio-xmpp's resumption: 6.0.0
+                    // cannot parse the <failed/> (without 'h') that Prosody
+                    // sends after a restart, and would retry it forever. Our
+                    // stanzas are all worth resending anyway.
+                    tracing::warn!("xmpp: lost the server; starting a new session");
+                    return Ended::Lost;
                 }
                 Some(Event::Stanza(stanza)) => state.received(&mut client, stanza).await,
             },
             command = commands.recv() => match command {
                 None | Some(Command::Stop) => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        send(&mut client, Presence::unavailable().into()),
-                    ).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), client.send_end()).await;
+                    send(&mut client, Presence::unavailable().into()).await;
+                    // Closing flushes the queue (the "unavailable" above) first.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.close()).await;
                     return Ended::Stopped;
                 }
                 Some(Command::Changed { to, folder, seq }) => {
@@ -225,12 +246,10 @@ async fn session(
     }
 }
 
-async fn first_online(client: &mut Client) -> Option<Jid> {
+async fn first_online(client: &mut StanzaStream) -> Option<Jid> {
     while let Some(event) = client.next().await {
-        match event {
-            Event::Online { bound_jid, .. } => return Some(bound_jid),
-            Event::Disconnected(e) => tracing::debug!("xmpp: {e}"),
-            Event::Stanza(_) => {}
+        if let Event::Stream(StreamEvent::Reset { bound_jid, .. }) = event {
+            return Some(bound_jid);
         }
     }
     None
@@ -273,14 +292,10 @@ async fn diagnose(settings: &Settings, connector: &Connector) -> String {
     }
 }
 
-async fn send(client: &mut Client, stanza: Stanza) -> bool {
-    match client.send_stanza(stanza).await {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::debug!("xmpp: not sent: {e}");
-            false
-        }
-    }
+/// Queues a stanza: sent now, or after a reconnection (stream management
+/// resends what the server did not acknowledge).
+async fn send(client: &mut StanzaStream, stanza: Stanza) {
+    client.send(Box::new(stanza)).await;
 }
 
 struct State<'a> {
@@ -297,7 +312,7 @@ struct State<'a> {
 
 impl State<'_> {
     /// A new session: nobody is known to be online until their presence comes.
-    async fn came_online(&mut self, client: &mut Client) {
+    async fn came_online(&mut self, client: &mut StanzaStream) {
         self.devices.clear();
         self.announced_to.clear();
         // A negative priority: chat messages to the bare JID go to the user's
@@ -316,7 +331,7 @@ impl State<'_> {
         bare == self.own || self.contacts.contains(&bare)
     }
 
-    async fn received(&mut self, client: &mut Client, stanza: Stanza) {
+    async fn received(&mut self, client: &mut StanzaStream, stanza: Stanza) {
         match stanza {
             Stanza::Presence(presence) => self.presence(client, presence).await,
             Stanza::Message(message) => self.message(client, message).await,
@@ -324,7 +339,7 @@ impl State<'_> {
         }
     }
 
-    async fn presence(&mut self, client: &mut Client, presence: Presence) {
+    async fn presence(&mut self, client: &mut StanzaStream, presence: Presence) {
         let Some(from) = presence.from.as_ref().and_then(|j| j.try_as_full().ok()) else {
             // A bare `from`: a contact's subscription answers and the like.
             if let (PresenceType::Subscribe, Some(from)) = (&presence.type_, &presence.from) {
@@ -360,7 +375,7 @@ impl State<'_> {
     }
 
     /// A peer's contact may see this device's presence; nobody else.
-    async fn subscription_request(&mut self, client: &mut Client, from: BareJid) {
+    async fn subscription_request(&mut self, client: &mut StanzaStream, from: BareJid) {
         if self.contacts.contains(&from) {
             let answer = Presence::subscribed().with_to(Jid::from(from));
             send(client, answer.into()).await;
@@ -371,7 +386,7 @@ impl State<'_> {
         }
     }
 
-    async fn message(&mut self, client: &mut Client, message: Message) {
+    async fn message(&mut self, client: &mut StanzaStream, message: Message) {
         let Some(from) = message.from.as_ref() else {
             return;
         };
@@ -415,7 +430,7 @@ impl State<'_> {
         }
     }
 
-    async fn announce_to(&mut self, client: &mut Client, to: FullJid) {
+    async fn announce_to(&mut self, client: &mut StanzaStream, to: FullJid) {
         if !self.announced_to.insert(to.clone()) {
             return;
         }
@@ -428,7 +443,13 @@ impl State<'_> {
         send(client, message.into()).await;
     }
 
-    async fn send_changed(&mut self, client: &mut Client, to: &[PeerId], folder: &str, seq: u64) {
+    async fn send_changed(
+        &mut self,
+        client: &mut StanzaStream,
+        to: &[PeerId],
+        folder: &str,
+        seq: u64,
+    ) {
         let payload = Payload::Changed {
             folder: folder.to_string(),
             seq,

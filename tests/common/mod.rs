@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod prosody;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
