@@ -14,6 +14,9 @@
 //! if the daemon is stopped or killed: the next build takes the chunks already
 //! there (see [`MergeOptions::resumable`]).
 //!
+//! The log goes to stderr and to daily files in `<data dir>/logs/` (the last
+//! [`LOG_FILES_KEPT`] kept; `latus.log` links to the current one).
+//!
 //! Not yet here: targeted rescans of the paths the watcher names (each wake scans the whole
 //! folder, unchanged files by stat only).
 
@@ -51,6 +54,12 @@ use crate::sync::{self as local_sync, SyncOptions};
 
 /// The file in the data directory that holds the address `latus serve` listens on.
 pub const ADDR_FILE: &str = "serve.addr";
+/// The directory in the data directory holding the daemon's log files.
+pub const LOG_DIR: &str = "logs";
+/// The log files' name (a date is appended); also the link to the current one.
+pub const LOG_FILE: &str = "latus.log";
+/// Daily log files kept: a week.
+pub const LOG_FILES_KEPT: usize = 7;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:22400";
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 

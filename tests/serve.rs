@@ -101,6 +101,40 @@ impl Device {
         fs::read_to_string(addr_file).unwrap().trim().to_string()
     }
 
+    /// Stops the daemon with SIGTERM and checks that it exits cleanly.
+    fn stop(&mut self) {
+        let mut daemon = self.daemon.take().unwrap();
+        let pid = daemon.id() as i32;
+        // SAFETY: a signal to the child this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let start = Instant::now();
+        let exit = loop {
+            if let Some(exit) = daemon.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(start.elapsed() < WAIT, "the daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(exit.success(), "{exit:?}");
+    }
+
+    /// When the daemon's last round of the folder finished (Unix seconds).
+    fn last_synced(&self) -> Option<u64> {
+        let text = fs::read_to_string(self.home.join(latus::daemon::STATUS_FILE)).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["folders"][0]["last_synced"].as_u64()
+    }
+
+    /// The content the folder's history records at `path` now.
+    fn recorded(&self, path: &str) -> Option<latus::content::Hash> {
+        let history = self.folder.join(".latus").join(latus::folder::HISTORY_DB);
+        latus::history::HistoryStore::open_read_only(&history)
+            .and_then(|store| store.latest_by_path(path))
+            .ok()
+            .flatten()
+            .and_then(|entry| entry.hash)
+    }
+
     fn log(&self) -> String {
         fs::read_to_string(self.home.join("serve.log")).unwrap_or_default()
     }
@@ -424,20 +458,7 @@ fn status_shows_the_daemon_and_sigterm_stops_it_cleanly() {
         "{text}"
     );
 
-    let daemon = a.daemon.take().unwrap();
-    let pid = daemon.id() as i32;
-    // SAFETY: a signal to the child this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let mut daemon = daemon;
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(exit) = daemon.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(start.elapsed() < WAIT, "the daemon did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "{exit:?}");
+    a.stop();
     assert!(!a.home.join(latus::daemon::ADDR_FILE).exists());
     let json: serde_json::Value = serde_json::from_str(&a.ok(&["status", "--json"])).unwrap();
     assert_eq!(json["running"], false);
@@ -554,4 +575,33 @@ fn a_renamed_directory_of_thousands_of_files_sends_no_content() {
         rounds.iter().all(|l| l.contains(", 0 bytes read")),
         "{since}"
     );
+}
+
+#[test]
+fn the_daemon_also_logs_to_a_rotated_file_in_the_data_dir_at_the_same_level() {
+    let mut a = Device::new();
+    a.start();
+    wait_for("the first round", || a.last_synced().is_some());
+    // The watcher traces each event: not at `--log-level info`.
+    write(&a.folder, "new.txt", b"seen by the watcher");
+    wait_for("the watcher's round", || a.recorded("new.txt").is_some());
+    a.stop();
+
+    let dir = a.home.join(latus::daemon::LOG_DIR);
+    let current = dir.join(latus::daemon::LOG_FILE);
+    let log = fs::read_to_string(&current).unwrap_or_else(|e| panic!("{}: {e}", current.display()));
+    assert!(log.contains("listening on 127.0.0.1:"), "{log}");
+    // Written last, before the exit: the file is flushed on a clean stop.
+    assert!(log.contains("stopping"), "{log}");
+    assert!(!log.contains("watched:"), "{log}");
+    // The console log is still there.
+    assert!(a.log().contains("listening on"), "{}", a.log());
+    // `latus.log` is the link to the dated file the appender rotates.
+    let dated: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("latus.log."))
+        .collect();
+    assert_eq!(dated.len(), 1, "{dated:?}");
 }
