@@ -12,7 +12,9 @@
 //!
 //! A file built from a peer's chunks is assembled in `.latus/partial/` and kept
 //! if the daemon is stopped or killed: the next build takes the chunks already
-//! there (see [`MergeOptions::resumable`]).
+//! there (see [`MergeOptions::resumable`]). After a round without errors, the
+//! partial files no plan builds any more, or untouched for a week, are removed
+//! ([`merge::clean_partials`]).
 //!
 //! The log goes to stderr and to daily files in `<data dir>/logs/` (the last
 //! [`LOG_FILES_KEPT`] kept; `latus.log` links to the current one).
@@ -757,6 +759,16 @@ fn sync_folder(
             merged.bytes_fetched,
             merged.bytes_resumed
         );
+    }
+    // Every build of the round has finished (they run within `merge::apply`), so
+    // no partial file is in use: those no plan needs any more can go.
+    match merge::clean_partials(&folder, &store, merge::PARTIAL_MAX_AGE) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(
+            "folder {}: removed {removed} partial files no longer needed",
+            shared.id
+        ),
+        Err(e) => tracing::warn!("folder {}: cleaning partial files: {e}", shared.id),
     }
     let after = store.last_seq()?;
     publish(&daemon.published, &shared.id, after);
