@@ -16,6 +16,11 @@
 //! partial files no plan builds any more, or untouched for a week, are removed
 //! ([`merge::clean_partials`]).
 //!
+//! A peer's chunk request that this folder's disk can no longer answer (the file
+//! changed since it was scanned, and the watcher did not say) is answered "not
+//! available" and wakes the folder's loop as the watcher would: the rescan
+//! records the change, and the peer then asks for the new content.
+//!
 //! The log goes to stderr and to daily files in `<data dir>/logs/` (the last
 //! [`LOG_FILES_KEPT`] kept; `latus.log` links to the current one).
 //!
@@ -484,7 +489,18 @@ impl RequestHandler for Daemon {
                     chunk,
                     ..
                 } => {
-                    Response::Chunk(source.read_chunk(&path, &Hash(content), &chunk.checked()?)?)
+                    let bytes = source.read_chunk(&path, &Hash(content), &chunk.checked()?)?;
+                    if bytes.is_none() {
+                        // The history says this folder holds the content; the disk
+                        // does not. A change the watcher missed (or has not synced
+                        // yet): a rescan records it and the peer hears of it.
+                        tracing::debug!(
+                            "folder {}: {path:?} no longer holds a chunk a peer asked for; rescanning",
+                            folder.id
+                        );
+                        self.file_changed();
+                    }
+                    Response::Chunk(bytes)
                 }
             })
         };

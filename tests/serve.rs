@@ -605,3 +605,122 @@ fn the_daemon_also_logs_to_a_rotated_file_in_the_data_dir_at_the_same_level() {
         .collect();
     assert_eq!(dated.len(), 1, "{dated:?}");
 }
+
+/// Overwrites the start of `path` through a shared memory map: the file changes
+/// (and its mtime), but inotify reports no modification.
+fn write_through_mmap(path: &Path, new_start: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let file = fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    assert!(new_start.len() <= len);
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file, written
+    // within its bounds, then synced and unmapped; nothing else maps it.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(new_start.as_ptr(), map.cast::<u8>(), new_start.len());
+        assert_eq!(libc::msync(map, len, libc::MS_SYNC), 0);
+        assert_eq!(libc::munmap(map, len), 0);
+    }
+}
+
+/// Sends `request` and waits for its answer, passing over other messages.
+async fn ask(
+    tls: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    id: u64,
+    request: Request,
+) -> Response {
+    protocol::write_frame(tls, &Message::Request { id, request })
+        .await
+        .unwrap();
+    loop {
+        let frame = tokio::time::timeout(WAIT, protocol::read_frame(tls))
+            .await
+            .expect("no answer")
+            .unwrap();
+        match frame {
+            Some(Message::Response { id: got, response }) if got == id => return response,
+            Some(_) => {}
+            None => panic!("the connection closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_the_disk_no_longer_holds_is_not_served_and_the_folder_is_rescanned() {
+    let (mut a, b) = (Device::new(), Device::new());
+    a.trust(&b, None);
+    // Below the smallest chunk: the content is one chunk, with the content's hash.
+    let old = bytes(4000, 7);
+    write(&a.folder, "f.bin", &old);
+    let addr = a.start();
+    wait_for("the first round", || a.last_synced().is_some());
+    // A round runs when a peer connects, and it would find the change by its
+    // stat: the change must come after that round. It is told by last_synced,
+    // in seconds: connect in a later second than the first round's.
+    let first = a.last_synced().unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    while now() <= first {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut tls = connect_as(&b, &a, &addr).await;
+    let hello = Message::Hello {
+        version: VERSION,
+        name: "test".into(),
+        folders: vec![],
+    };
+    protocol::write_frame(&mut tls, &hello).await.unwrap();
+    protocol::read_frame(&mut tls).await.unwrap().unwrap();
+    wait_for("the round after the connection", || {
+        a.last_synced().is_some_and(|t| t > first)
+    });
+
+    let read_chunk = Request::ReadChunk {
+        folder: "docs".into(),
+        path: "f.bin".into(),
+        content: *blake3::hash(&old).as_bytes(),
+        chunk: protocol::WireChunk {
+            hash: *blake3::hash(&old).as_bytes(),
+            offset: 0,
+            len: old.len() as u32,
+        },
+    };
+    let answer = ask(&mut tls, 1, read_chunk.clone()).await;
+    assert_eq!(answer, Response::Chunk(Some(old.clone())));
+
+    // Changed where the watcher cannot see it; the daemon rescans only hourly.
+    let new_start = b"changed behind the watcher's back";
+    write_through_mmap(&a.folder.join("f.bin"), new_start);
+    let mut new = old.clone();
+    new[..new_start.len()].copy_from_slice(new_start);
+    assert_eq!(fs::read(a.folder.join("f.bin")).unwrap(), new);
+    let answer = ask(&mut tls, 2, read_chunk).await;
+    assert_eq!(answer, Response::Chunk(None));
+
+    // The refusal made the daemon rescan: its history now has the new content.
+    let start = Instant::now();
+    while a.recorded("f.bin") != Some(latus::content::Hash::of(&new)) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the change was not rescanned:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
