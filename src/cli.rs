@@ -12,6 +12,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use latus::device::{Home, PeerId};
 use latus::device_sync;
@@ -238,16 +241,71 @@ enum TrashCommand {
     },
 }
 
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+/// Sets up logging to stderr and, for `latus serve`, to rotating files in the
+/// data directory as well; `--log-level` filters both. The guard flushes the file
+/// log when dropped: keep it until the command has returned.
+pub fn init_logging(args: &Args) -> Option<WorkerGuard> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let console = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
-        .without_time()
+        .without_time();
+    let (file, guard) = match args.command {
+        Command::Serve { .. } => log_file(args.home.as_deref()).unzip(),
+        _ => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(console)
+        .with(file)
         .init();
+    guard
+}
+
+/// A layer writing to `<data dir>/logs/latus.log.<date>` (rotated daily, the
+/// last few kept; `latus.log` links to the current one), from a background
+/// thread. `None`, with a note on stderr, when that cannot be set up: the
+/// daemon still runs and logs to stderr.
+fn log_file<S>(home: Option<&Path>) -> Option<(impl tracing_subscriber::Layer<S>, WorkerGuard)>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let home = Home::locate(home).ok()?;
+    // No data dir yet: `latus init` has not run and `serve` is about to say so.
+    if !home.data_dir.is_dir() {
+        return None;
+    }
+    let dir = home.data_dir.join(latus::daemon::LOG_DIR);
+    let appender = std::fs::create_dir_all(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            tracing_appender::rolling::RollingFileAppender::builder()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix(latus::daemon::LOG_FILE)
+                .latest_symlink(latus::daemon::LOG_FILE)
+                .max_log_files(latus::daemon::LOG_FILES_KEPT)
+                .build(&dir)
+                .map_err(|e| e.to_string())
+        });
+    let appender = match appender {
+        Ok(appender) => appender,
+        Err(e) => {
+            eprintln!("latus: no log file in {}: {e}", dir.display());
+            return None;
+        }
+    };
+    // Not lossy: a daemon's log file should hold every line; at the levels it
+    // logs, a write never waits long.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(appender);
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_target(false);
+    Some((layer, guard))
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {

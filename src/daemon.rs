@@ -12,7 +12,17 @@
 //!
 //! A file built from a peer's chunks is assembled in `.latus/partial/` and kept
 //! if the daemon is stopped or killed: the next build takes the chunks already
-//! there (see [`MergeOptions::resumable`]).
+//! there (see [`MergeOptions::resumable`]). After a round without errors, the
+//! partial files no plan builds any more, or untouched for a week, are removed
+//! ([`merge::clean_partials`]).
+//!
+//! A peer's chunk request that this folder's disk can no longer answer (the file
+//! changed since it was scanned, and the watcher did not say) is answered "not
+//! available" and wakes the folder's loop as the watcher would: the rescan
+//! records the change, and the peer then asks for the new content.
+//!
+//! The log goes to stderr and to daily files in `<data dir>/logs/` (the last
+//! [`LOG_FILES_KEPT`] kept; `latus.log` links to the current one).
 //!
 //! Not yet here: targeted rescans of the paths the watcher names (each wake scans the whole
 //! folder, unchanged files by stat only).
@@ -54,6 +64,12 @@ use crate::xmpp::{self, XmppClient, XmppConfig, XmppEvents, XmppState};
 
 /// The file in the data directory that holds the address `latus serve` listens on.
 pub const ADDR_FILE: &str = "serve.addr";
+/// The directory in the data directory holding the daemon's log files.
+pub const LOG_DIR: &str = "logs";
+/// The log files' name (a date is appended); also the link to the current one.
+pub const LOG_FILE: &str = "latus.log";
+/// Daily log files kept: a week.
+pub const LOG_FILES_KEPT: usize = 7;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:22400";
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -528,7 +544,18 @@ impl RequestHandler for Daemon {
                     chunk,
                     ..
                 } => {
-                    Response::Chunk(source.read_chunk(&path, &Hash(content), &chunk.checked()?)?)
+                    let bytes = source.read_chunk(&path, &Hash(content), &chunk.checked()?)?;
+                    if bytes.is_none() {
+                        // The history says this folder holds the content; the disk
+                        // does not. A change the watcher missed (or has not synced
+                        // yet): a rescan records it and the peer hears of it.
+                        tracing::debug!(
+                            "folder {}: {path:?} no longer holds a chunk a peer asked for; rescanning",
+                            folder.id
+                        );
+                        self.file_changed();
+                    }
+                    Response::Chunk(bytes)
                 }
             })
         };
@@ -815,6 +842,16 @@ fn sync_folder(
             merged.bytes_fetched,
             merged.bytes_resumed
         );
+    }
+    // Every build of the round has finished (they run within `merge::apply`), so
+    // no partial file is in use: those no plan needs any more can go.
+    match merge::clean_partials(&folder, &store, merge::PARTIAL_MAX_AGE) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(
+            "folder {}: removed {removed} partial files no longer needed",
+            shared.id
+        ),
+        Err(e) => tracing::warn!("folder {}: cleaning partial files: {e}", shared.id),
     }
     let after = store.last_seq()?;
     publish(&daemon.published, &shared.id, after);

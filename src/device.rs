@@ -154,7 +154,7 @@ pub struct ScanConfig {
 pub struct Home {
     /// Identity and `config.toml`.
     pub config_dir: PathBuf,
-    /// Databases and logs (later issues).
+    /// The device database, the daemon's address, status and logs.
     pub data_dir: PathBuf,
 }
 

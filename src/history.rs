@@ -583,6 +583,19 @@ impl HistoryStore {
             .map_err(|e| self.err(e))
     }
 
+    /// Every peer some of whose history was received here.
+    pub fn remote_peers(&self) -> Result<Vec<PeerId>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT peer FROM remote_peers")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| peer_column(r, 0))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
     /// The sequence numbers (this history's, `peer`'s) at which both sides were
     /// last found identical; `None` if never.
     pub fn identical_marks(&self, peer: &PeerId) -> Result<Option<IdenticalMarks>> {

@@ -9,7 +9,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    cli::init_logging(&args.log_level);
+    // Dropped at the end of main: the file log is flushed after the command.
+    let _log_guard = cli::init_logging(&args);
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {

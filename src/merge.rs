@@ -17,12 +17,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use crate::content::{ChunkInfo, Hash, MIN_CHUNK};
 use crate::device::PeerId;
-use crate::diff::{Action, ConflictCopy, Op, Plan};
+use crate::diff::{self, Action, ConflictCopy, Op, Plan};
 use crate::error::{Error, Result};
 use crate::folder::{Folder, TEMP_PREFIX, check_relative};
 use crate::history::{Entry, HistoryStore, Kind, Record};
@@ -156,6 +157,69 @@ fn is_fatal(e: &Error) -> bool {
         Error::Database { .. } => true,
         _ => false,
     }
+}
+
+/// A partial file untouched this long is removed even if a plan still builds its
+/// content: the peer it came from may never offer that content again, and the
+/// chunks in it are only a head start.
+pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Removes the partial files of resumable builds ([`MergeOptions::resumable`])
+/// that have no use any more: those whose content no plan builds now (its path
+/// got another version, or was deleted, there or here), and those untouched for
+/// `max_age`. A partial stays while the plan against some peer whose history was
+/// received here builds its content, connected or not: that build resumes when
+/// the peer is back.
+///
+/// Call it between merges, with the folder locked: it cannot tell a partial a
+/// running build is writing. Returns how many files it removed.
+pub fn clean_partials(folder: &Folder, store: &HistoryStore, max_age: Duration) -> Result<usize> {
+    let dir = folder.marker_dir().join(PARTIAL_DIR);
+    let listing = match fs::read_dir(&dir) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut partials = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        let path = entry.path();
+        // Not followed: a symlink here is not one of ours.
+        let meta = entry.metadata().map_err(|e| Error::io(&path, e))?;
+        if meta.is_file() {
+            partials.push((path, entry.file_name(), meta.modified().ok()));
+        }
+    }
+    // Planned only when there is something to clean: most rounds find nothing.
+    if partials.is_empty() {
+        return Ok(0);
+    }
+    let mut wanted = HashSet::new();
+    for peer in store.remote_peers()? {
+        for action in diff::plan(store, &peer)?.actions {
+            if action.target.kind == Kind::File
+                && let Some(hash) = action.target.hash
+            {
+                wanted.insert(hash.to_hex());
+            }
+        }
+    }
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for (path, name, modified) in partials {
+        let too_old = modified
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age > max_age);
+        if !too_old && name.to_str().is_some_and(|name| wanted.contains(name)) {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Ok(removed)
 }
 
 /// A file to build into `temp`: the target version, and a local file that may
@@ -1353,4 +1417,85 @@ pub(crate) fn clear_dir(dir: &Path) -> Result<()> {
         Err(e) => return Err(Error::io(dir, e)),
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: PeerId = PeerId([9; 32]);
+
+    /// A version of `path` the peer authored at `utime_ns` and recorded as `seq`.
+    fn theirs(path: &str, content: Option<&[u8]>, seq: u64, utime_ns: i64) -> Entry {
+        let kind = match content {
+            Some(_) => Kind::File,
+            None => Kind::Deleted,
+        };
+        Entry {
+            seq,
+            size: content.map_or(0, |c| c.len() as u64),
+            mtime_ns: 1_700_000_000_000_000_000,
+            mode: 0o644,
+            hash: content.map(Hash::of),
+            ..Entry::authored(path.to_string(), kind, PEER, utime_ns)
+        }
+    }
+
+    /// A partial file of `content`, with some of its bytes in it.
+    fn partial(folder: &Folder, content: &[u8]) -> PathBuf {
+        let dir = folder.marker_dir().join(PARTIAL_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(Hash::of(content).to_hex());
+        fs::write(&path, &content[..content.len() / 2]).unwrap();
+        path
+    }
+
+    #[test]
+    fn partials_no_plan_builds_and_old_ones_are_removed_the_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = Folder::open_or_create(dir.path()).unwrap();
+        let mut store = HistoryStore::open(&folder.history_path()).unwrap();
+        // The peer has a.txt and b.txt, not here yet: their builds are pending.
+        let received = [
+            theirs("a.txt", Some(b"a, first version"), 1, 10),
+            theirs("b.txt", Some(b"b's content"), 2, 10),
+        ];
+        store.store_remote(&PEER, &received, 2, None).unwrap();
+        let a_first = partial(&folder, b"a, first version");
+        let b_old = partial(&folder, b"b's content");
+        set_mtime(&b_old, now_ns() - 8 * 24 * 3600 * 1_000_000_000).unwrap();
+        let unknown = partial(&folder, b"no path has this content");
+        let junk = folder.marker_dir().join(PARTIAL_DIR).join("not-a-hash");
+        fs::write(&junk, b"?").unwrap();
+
+        let removed = clean_partials(&folder, &store, PARTIAL_MAX_AGE).unwrap();
+        assert_eq!(removed, 3);
+        assert!(a_first.exists(), "a pending build's partial was removed");
+        assert!(!b_old.exists(), "a partial older than the limit was kept");
+        assert!(!unknown.exists() && !junk.exists());
+
+        // The peer wrote a.txt again before the build finished: the first version
+        // is no longer wanted, the new one is.
+        let received = [theirs("a.txt", Some(b"a, second version"), 3, 20)];
+        store.store_remote(&PEER, &received, 3, None).unwrap();
+        let a_second = partial(&folder, b"a, second version");
+        assert_eq!(clean_partials(&folder, &store, PARTIAL_MAX_AGE).unwrap(), 1);
+        assert!(!a_first.exists() && a_second.exists());
+
+        // Then deleted it.
+        store
+            .store_remote(&PEER, &[theirs("a.txt", None, 4, 30)], 4, None)
+            .unwrap();
+        assert_eq!(clean_partials(&folder, &store, PARTIAL_MAX_AGE).unwrap(), 1);
+        assert!(!a_second.exists());
+        assert_eq!(clean_partials(&folder, &store, PARTIAL_MAX_AGE).unwrap(), 0);
+    }
+
+    #[test]
+    fn no_partial_directory_is_nothing_to_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = Folder::open_or_create(dir.path()).unwrap();
+        let store = HistoryStore::open(&folder.history_path()).unwrap();
+        assert_eq!(clean_partials(&folder, &store, PARTIAL_MAX_AGE).unwrap(), 0);
+    }
 }

@@ -101,6 +101,40 @@ impl Device {
         fs::read_to_string(addr_file).unwrap().trim().to_string()
     }
 
+    /// Stops the daemon with SIGTERM and checks that it exits cleanly.
+    fn stop(&mut self) {
+        let mut daemon = self.daemon.take().unwrap();
+        let pid = daemon.id() as i32;
+        // SAFETY: a signal to the child this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let start = Instant::now();
+        let exit = loop {
+            if let Some(exit) = daemon.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(start.elapsed() < WAIT, "the daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(exit.success(), "{exit:?}");
+    }
+
+    /// When the daemon's last round of the folder finished (Unix seconds).
+    fn last_synced(&self) -> Option<u64> {
+        let text = fs::read_to_string(self.home.join(latus::daemon::STATUS_FILE)).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["folders"][0]["last_synced"].as_u64()
+    }
+
+    /// The content the folder's history records at `path` now.
+    fn recorded(&self, path: &str) -> Option<latus::content::Hash> {
+        let history = self.folder.join(".latus").join(latus::folder::HISTORY_DB);
+        latus::history::HistoryStore::open_read_only(&history)
+            .and_then(|store| store.latest_by_path(path))
+            .ok()
+            .flatten()
+            .and_then(|entry| entry.hash)
+    }
+
     fn log(&self) -> String {
         fs::read_to_string(self.home.join("serve.log")).unwrap_or_default()
     }
@@ -424,20 +458,7 @@ fn status_shows_the_daemon_and_sigterm_stops_it_cleanly() {
         "{text}"
     );
 
-    let daemon = a.daemon.take().unwrap();
-    let pid = daemon.id() as i32;
-    // SAFETY: a signal to the child this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let mut daemon = daemon;
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(exit) = daemon.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(start.elapsed() < WAIT, "the daemon did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "{exit:?}");
+    a.stop();
     assert!(!a.home.join(latus::daemon::ADDR_FILE).exists());
     let json: serde_json::Value = serde_json::from_str(&a.ok(&["status", "--json"])).unwrap();
     assert_eq!(json["running"], false);
@@ -554,4 +575,152 @@ fn a_renamed_directory_of_thousands_of_files_sends_no_content() {
         rounds.iter().all(|l| l.contains(", 0 bytes read")),
         "{since}"
     );
+}
+
+#[test]
+fn the_daemon_also_logs_to_a_rotated_file_in_the_data_dir_at_the_same_level() {
+    let mut a = Device::new();
+    a.start();
+    wait_for("the first round", || a.last_synced().is_some());
+    // The watcher traces each event: not at `--log-level info`.
+    write(&a.folder, "new.txt", b"seen by the watcher");
+    wait_for("the watcher's round", || a.recorded("new.txt").is_some());
+    a.stop();
+
+    let dir = a.home.join(latus::daemon::LOG_DIR);
+    let current = dir.join(latus::daemon::LOG_FILE);
+    let log = fs::read_to_string(&current).unwrap_or_else(|e| panic!("{}: {e}", current.display()));
+    assert!(log.contains("listening on 127.0.0.1:"), "{log}");
+    // Written last, before the exit: the file is flushed on a clean stop.
+    assert!(log.contains("stopping"), "{log}");
+    assert!(!log.contains("watched:"), "{log}");
+    // The console log is still there.
+    assert!(a.log().contains("listening on"), "{}", a.log());
+    // `latus.log` is the link to the dated file the appender rotates.
+    let dated: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("latus.log."))
+        .collect();
+    assert_eq!(dated.len(), 1, "{dated:?}");
+}
+
+/// Overwrites the start of `path` through a shared memory map: the file changes
+/// (and its mtime), but inotify reports no modification.
+fn write_through_mmap(path: &Path, new_start: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let file = fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    assert!(new_start.len() <= len);
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file, written
+    // within its bounds, then synced and unmapped; nothing else maps it.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(new_start.as_ptr(), map.cast::<u8>(), new_start.len());
+        assert_eq!(libc::msync(map, len, libc::MS_SYNC), 0);
+        assert_eq!(libc::munmap(map, len), 0);
+    }
+}
+
+/// Sends `request` and waits for its answer, passing over other messages.
+async fn ask(
+    tls: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    id: u64,
+    request: Request,
+) -> Response {
+    protocol::write_frame(tls, &Message::Request { id, request })
+        .await
+        .unwrap();
+    loop {
+        let frame = tokio::time::timeout(WAIT, protocol::read_frame(tls))
+            .await
+            .expect("no answer")
+            .unwrap();
+        match frame {
+            Some(Message::Response { id: got, response }) if got == id => return response,
+            Some(_) => {}
+            None => panic!("the connection closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_the_disk_no_longer_holds_is_not_served_and_the_folder_is_rescanned() {
+    let (mut a, b) = (Device::new(), Device::new());
+    a.trust(&b, None);
+    // Below the smallest chunk: the content is one chunk, with the content's hash.
+    let old = bytes(4000, 7);
+    write(&a.folder, "f.bin", &old);
+    let addr = a.start();
+    wait_for("the first round", || a.last_synced().is_some());
+    // A round runs when a peer connects, and it would find the change by its
+    // stat: the change must come after that round. It is told by last_synced,
+    // in seconds: connect in a later second than the first round's.
+    let first = a.last_synced().unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    while now() <= first {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut tls = connect_as(&b, &a, &addr).await;
+    let hello = Message::Hello {
+        version: VERSION,
+        name: "test".into(),
+        folders: vec![],
+    };
+    protocol::write_frame(&mut tls, &hello).await.unwrap();
+    protocol::read_frame(&mut tls).await.unwrap().unwrap();
+    wait_for("the round after the connection", || {
+        a.last_synced().is_some_and(|t| t > first)
+    });
+
+    let read_chunk = Request::ReadChunk {
+        folder: "docs".into(),
+        path: "f.bin".into(),
+        content: *blake3::hash(&old).as_bytes(),
+        chunk: protocol::WireChunk {
+            hash: *blake3::hash(&old).as_bytes(),
+            offset: 0,
+            len: old.len() as u32,
+        },
+    };
+    let answer = ask(&mut tls, 1, read_chunk.clone()).await;
+    assert_eq!(answer, Response::Chunk(Some(old.clone())));
+
+    // Changed where the watcher cannot see it; the daemon rescans only hourly.
+    let new_start = b"changed behind the watcher's back";
+    write_through_mmap(&a.folder.join("f.bin"), new_start);
+    let mut new = old.clone();
+    new[..new_start.len()].copy_from_slice(new_start);
+    assert_eq!(fs::read(a.folder.join("f.bin")).unwrap(), new);
+    let answer = ask(&mut tls, 2, read_chunk).await;
+    assert_eq!(answer, Response::Chunk(None));
+
+    // The refusal made the daemon rescan: its history now has the new content.
+    let start = Instant::now();
+    while a.recorded("f.bin") != Some(latus::content::Hash::of(&new)) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the change was not rescanned:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
