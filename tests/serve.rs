@@ -5,10 +5,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::daemon::{Device, WAIT, wait_for};
 use common::{bytes, write};
 use latus::identity::Identity;
 use latus::net::protocol::{self, Message, Request, Response, VERSION};
@@ -16,108 +16,13 @@ use latus::net::tls;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 
-const LATUS: &str = env!("CARGO_BIN_EXE_latus");
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A device: its home, its folder, and its daemon once started.
-struct Device {
-    home: PathBuf,
-    folder: PathBuf,
-    daemon: Option<Child>,
-    _dir: tempfile::TempDir,
+/// What these tests read of a device besides what every test reads.
+trait Observed {
+    fn last_synced(&self) -> Option<u64>;
+    fn recorded(&self, path: &str) -> Option<latus::content::Hash>;
 }
 
-impl Device {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (home, folder) = (dir.path().join("home"), dir.path().join("folder"));
-        fs::create_dir_all(&folder).unwrap();
-        let device = Device {
-            home,
-            folder,
-            daemon: None,
-            _dir: dir,
-        };
-        device.ok(&["init"]);
-        device.ok(&["folder", "add", "docs", device.folder.to_str().unwrap()]);
-        device
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(LATUS)
-            .env("LATUS_HOME", &self.home)
-            .env_remove("LATUS_LOG")
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn id(&self) -> String {
-        self.ok(&["id"]).trim().to_string()
-    }
-
-    /// Knows `other` (at its address when given) and shares the folder with it.
-    fn trust(&self, other: &Device, addr: Option<&str>) {
-        let id = other.id();
-        let mut args = vec!["peer", "add", id.as_str()];
-        if let Some(addr) = addr {
-            args.extend(["--addr", addr]);
-        }
-        self.ok(&args);
-        self.ok(&["folder", "share", "docs", &id]);
-    }
-
-    /// Starts `latus serve` on a free loopback port; returns its address.
-    fn start(&mut self) -> String {
-        let log = fs::File::create(self.home.join("serve.log")).unwrap();
-        let child = Command::new(LATUS)
-            .env("LATUS_HOME", &self.home)
-            .args([
-                "--log-level",
-                "info",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--watch-delay",
-                "0.2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let addr_file = self.home.join(latus::daemon::ADDR_FILE);
-        wait_for("the daemon to listen", || addr_file.exists());
-        fs::read_to_string(addr_file).unwrap().trim().to_string()
-    }
-
-    /// Stops the daemon with SIGTERM and checks that it exits cleanly.
-    fn stop(&mut self) {
-        let mut daemon = self.daemon.take().unwrap();
-        let pid = daemon.id() as i32;
-        // SAFETY: a signal to the child this test started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let start = Instant::now();
-        let exit = loop {
-            if let Some(exit) = daemon.try_wait().unwrap() {
-                break exit;
-            }
-            assert!(start.elapsed() < WAIT, "the daemon did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(exit.success(), "{exit:?}");
-    }
-
+impl Observed for Device {
     /// When the daemon's last round of the folder finished (Unix seconds).
     fn last_synced(&self) -> Option<u64> {
         let text = fs::read_to_string(self.home.join(latus::daemon::STATUS_FILE)).ok()?;
@@ -133,27 +38,6 @@ impl Device {
             .ok()
             .flatten()
             .and_then(|entry| entry.hash)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.home.join("serve.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -6,11 +6,10 @@ mod common;
 
 use std::fs;
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use common::daemon::{Device, WAIT, wait_for};
 use common::prosody::{DOMAIN, Prosody};
 use common::write;
 use latus::device::PeerId;
@@ -19,178 +18,54 @@ use latus::xmpp::{Settings, XmppClient, XmppEvents, XmppState};
 use tokio_xmpp::jid::{BareJid, FullJid, Jid};
 use tokio_xmpp::parsers::message::Message;
 
-const LATUS: &str = env!("CARGO_BIN_EXE_latus");
-const WAIT: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "correct horse";
 
-struct Device {
-    home: PathBuf,
-    folder: PathBuf,
-    server: String,
-    cert: PathBuf,
-    daemon: Option<Child>,
-    _dir: tempfile::TempDir,
+/// A device logging in as `user@localhost` with `password`.
+fn device(prosody: &Prosody, user: &str, password: &str) -> Device {
+    let mut device = Device::new();
+    device.daemon_env("SSL_CERT_FILE", prosody.cert());
+    let password_file = device.home.join("password.txt");
+    fs::write(&password_file, format!("{password}\n")).unwrap();
+    let jid = format!("{user}@{DOMAIN}");
+    device.ok(&[
+        "xmpp",
+        "set",
+        &jid,
+        "--password-file",
+        password_file.to_str().unwrap(),
+        "--server",
+        &prosody.addr(),
+    ]);
+    device
 }
 
-impl Device {
-    /// A device logging in as `user@localhost` with `password`.
-    fn new(prosody: &Prosody, user: &str, password: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (home, folder) = (dir.path().join("home"), dir.path().join("folder"));
-        fs::create_dir_all(&folder).unwrap();
-        let device = Device {
-            home,
-            folder,
-            server: prosody.addr(),
-            cert: prosody.cert(),
-            daemon: None,
-            _dir: dir,
-        };
-        device.ok(&["init"]);
-        device.ok(&["folder", "add", "docs", device.folder.to_str().unwrap()]);
-        let password_file = device.home.join("password.txt");
-        fs::write(&password_file, format!("{password}\n")).unwrap();
-        let jid = format!("{user}@{DOMAIN}");
-        device.ok(&[
-            "xmpp",
-            "set",
-            &jid,
-            "--password-file",
-            password_file.to_str().unwrap(),
-            "--server",
-            &device.server,
-        ]);
-        device
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(LATUS)
-            .env("LATUS_HOME", &self.home)
-            .env_remove("LATUS_LOG")
-            .env_remove("LATUS_XMPP_PASSWORD")
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn id(&self) -> String {
-        self.ok(&["id"]).trim().to_string()
-    }
-
-    /// Knows `other` by its id only (no address) and shares the folder with it.
-    fn trust(&self, other: &Device) {
-        let id = other.id();
-        self.ok(&["peer", "add", &id]);
-        self.ok(&["folder", "share", "docs", &id]);
-    }
-
-    fn start(&mut self) {
-        let log = fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.home.join("serve.log"))
-            .unwrap();
-        let _ = fs::remove_file(self.home.join(latus::daemon::ADDR_FILE));
-        let child = Command::new(LATUS)
-            .env("LATUS_HOME", &self.home)
-            .env("SSL_CERT_FILE", &self.cert)
-            .env_remove("LATUS_XMPP_PASSWORD")
-            .args([
-                "--log-level",
-                "info",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--watch-delay",
-                "0.2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let addr_file = self.home.join(latus::daemon::ADDR_FILE);
-        wait_for("the daemon to listen", || addr_file.exists());
-    }
-
-    /// SIGTERM, as a user stopping the service: it says "unavailable".
-    fn stop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            // SAFETY: kill(2) on the pid of a child we have not reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let start = Instant::now();
-            while child.try_wait().unwrap().is_none() {
-                if start.elapsed() > WAIT {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.home.join("serve.log")).unwrap_or_default()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
-    }
-
-    fn xmpp_state(&self) -> String {
-        self.status()["status"]["xmpp"]["state"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    /// The full JID the daemon logged in as (from its log).
-    fn full_jid(&self) -> FullJid {
-        let mut jid = None;
-        wait_for("the daemon to be online", || {
-            jid = self
-                .log()
-                .lines()
-                .find_map(|line| line.split("xmpp: online as ").nth(1).map(str::to_string));
-            jid.is_some()
-        });
-        jid.unwrap().trim().parse().unwrap()
-    }
-
-    fn has(&self, rel: &str, content: &[u8]) -> bool {
-        fs::read(self.folder.join(rel)).is_ok_and(|c| c == content)
-    }
+fn xmpp_state(device: &Device) -> String {
+    device.status()["status"]["xmpp"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
-impl Drop for Device {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// The full JID the daemon logged in as (from its log).
+fn full_jid(device: &Device) -> FullJid {
+    let mut jid = None;
+    wait_for("the daemon to be online", || {
+        jid = device
+            .log()
+            .lines()
+            .find_map(|line| line.split("xmpp: online as ").nth(1).map(str::to_string));
+        jid.is_some()
+    });
+    jid.unwrap().trim().parse().unwrap()
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
+fn has(device: &Device, rel: &str, content: &[u8]) -> bool {
+    fs::read(device.folder.join(rel)).is_ok_and(|c| c == content)
 }
 
 fn wait_for_file(devices: &[&Device], rel: &str, content: &[u8]) {
     let start = Instant::now();
-    while !devices.iter().all(|d| d.has(rel, content)) {
+    while !devices.iter().all(|d| has(d, rel, content)) {
         if start.elapsed() > WAIT {
             let logs: Vec<String> = devices.iter().map(|d| d.log()).collect();
             panic!(
@@ -212,11 +87,11 @@ fn server() -> Prosody {
 fn two_daemons_with_only_an_xmpp_account_find_each_other_and_sync() {
     let prosody = server();
     let (mut a, mut b) = (
-        Device::new(&prosody, "alice", PASSWORD),
-        Device::new(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", PASSWORD),
     );
-    a.trust(&b);
-    b.trust(&a);
+    a.trust(&b, None);
+    b.trust(&a, None);
     write(&a.folder, "from-a.txt", b"written on a");
     let started = Instant::now();
     a.start();
@@ -238,19 +113,19 @@ fn two_daemons_with_only_an_xmpp_account_find_each_other_and_sync() {
     wait_for_file(&[&b], "while-away.txt", b"b was away");
     write(&b.folder, "back.txt", b"b is back");
     wait_for_file(&[&a], "back.txt", b"b is back");
-    assert_eq!(a.xmpp_state(), "online");
+    assert_eq!(xmpp_state(&a), "online");
 }
 
 #[test]
 fn three_daemons_on_one_account_converge() {
     let prosody = server();
     let mut devices: Vec<Device> = (0..3)
-        .map(|_| Device::new(&prosody, "alice", PASSWORD))
+        .map(|_| device(&prosody, "alice", PASSWORD))
         .collect();
     for i in 0..3 {
         for j in 0..3 {
             if i != j {
-                devices[i].trust(&devices[j]);
+                devices[i].trust(&devices[j], None);
             }
         }
     }
@@ -272,11 +147,11 @@ fn three_daemons_on_one_account_converge() {
 fn syncing_goes_on_while_the_xmpp_server_restarts_and_presence_comes_back() {
     let mut prosody = server();
     let (mut a, mut b) = (
-        Device::new(&prosody, "alice", PASSWORD),
-        Device::new(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", PASSWORD),
     );
-    a.trust(&b);
-    b.trust(&a);
+    a.trust(&b, None);
+    b.trust(&a, None);
     a.start();
     b.start();
     write(&a.folder, "one.txt", b"1");
@@ -284,7 +159,7 @@ fn syncing_goes_on_while_the_xmpp_server_restarts_and_presence_comes_back() {
 
     prosody.stop();
     wait_for("A to notice the server is gone", || {
-        a.xmpp_state() != "online"
+        xmpp_state(&a) != "online"
     });
     // The data plane does not need the XMPP server.
     write(&a.folder, "two.txt", b"2");
@@ -293,7 +168,7 @@ fn syncing_goes_on_while_the_xmpp_server_restarts_and_presence_comes_back() {
     let seen_before = b.log().matches("is available").count();
     prosody.restart();
     wait_for("both to be online again", || {
-        a.xmpp_state() == "online" && b.xmpp_state() == "online"
+        xmpp_state(&a) == "online" && xmpp_state(&b) == "online"
     });
     wait_for("B to see A's presence again", || {
         b.log().matches("is available").count() > seen_before
@@ -306,19 +181,18 @@ fn syncing_goes_on_while_the_xmpp_server_restarts_and_presence_comes_back() {
 fn a_refused_password_is_reported_and_syncing_goes_on_over_known_addresses() {
     let prosody = server();
     let (mut a, mut b) = (
-        Device::new(&prosody, "alice", "wrong password"),
-        Device::new(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", "wrong password"),
+        device(&prosody, "alice", PASSWORD),
     );
-    a.trust(&b);
+    a.trust(&b, None);
     a.start();
     let addr = fs::read_to_string(a.home.join(latus::daemon::ADDR_FILE)).unwrap();
-    b.ok(&["peer", "add", &a.id(), "--addr", addr.trim()]);
-    b.ok(&["folder", "share", "docs", &a.id()]);
+    b.trust(&a, Some(addr.trim()));
     b.start();
     write(&a.folder, "x.txt", b"x");
     wait_for_file(&[&b], "x.txt", b"x");
     wait_for("A to report the refused password", || {
-        a.xmpp_state() == "authentication failed"
+        xmpp_state(&a) == "authentication failed"
     });
     let status = a.ok(&["status"]);
     assert!(
@@ -384,17 +258,17 @@ fn stanzas_from_strangers_or_with_a_wrong_peer_id_lead_to_no_trust() {
     let prosody = server();
     prosody.register("mallory", "mallory's");
     let (mut a, b) = (
-        Device::new(&prosody, "alice", PASSWORD),
-        Device::new(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", PASSWORD),
     );
-    a.trust(&b);
+    a.trust(&b, None);
     // E: a daemon A does not know, with a file A must never get.
-    let mut e = Device::new(&prosody, "mallory", "mallory's");
-    e.trust(&a);
+    let mut e = device(&prosody, "mallory", "mallory's");
+    e.trust(&a, None);
     write(&e.folder, "secret.txt", b"from e");
     a.start();
     e.start();
-    let a_jid = a.full_jid();
+    let a_jid = full_jid(&a);
     let b_id: PeerId = b.id().parse().unwrap();
 
     // Another account announces B's id at an address of its own: ignored.
