@@ -6,16 +6,15 @@ mod common;
 
 use std::fs;
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use common::daemon::{Device, WAIT, wait_for};
 use common::prosody::{DOMAIN, Prosody};
 use common::write;
+use common::xmpp_pair::Pair;
 use latus::device::PeerId;
 use latus::xmpp::stanza::Payload;
-use latus::xmpp::{Settings, XmppClient, XmppEvents, XmppState};
-use tokio_xmpp::jid::{BareJid, FullJid, Jid};
+use tokio_xmpp::jid::{FullJid, Jid};
 use tokio_xmpp::parsers::message::Message;
 
 const PASSWORD: &str = "correct horse";
@@ -141,6 +140,28 @@ fn three_daemons_on_one_account_converge() {
     for i in 0..3 {
         wait_for_file(&all, &format!("{i}.txt"), format!("device {i}").as_bytes());
     }
+}
+
+/// A folder shared with another person: each device knows the other's owner
+/// as a contact (`peer add --jid`); they subscribe to each other's presence.
+#[test]
+fn devices_of_two_accounts_that_are_each_others_contacts_sync() {
+    let prosody = server();
+    prosody.register("bob", "bob's");
+    let (mut a, mut b) = (
+        device(&prosody, "alice", PASSWORD),
+        device(&prosody, "bob", "bob's"),
+    );
+    a.ok(&["peer", "add", &b.id(), "--jid", "bob@localhost"]);
+    a.ok(&["folder", "share", "docs", &b.id()]);
+    b.ok(&["peer", "add", &a.id(), "--jid", "Alice@LOCALHOST"]);
+    b.ok(&["folder", "share", "docs", &a.id()]);
+    write(&a.folder, "for-bob.txt", b"hi bob");
+    a.start();
+    b.start();
+    wait_for_file(&[&b], "for-bob.txt", b"hi bob");
+    write(&b.folder, "for-alice.txt", b"hi alice");
+    wait_for_file(&[&a], "for-alice.txt", b"hi alice");
 }
 
 #[test]
@@ -326,79 +347,11 @@ fn stanzas_from_strangers_or_with_a_wrong_peer_id_lead_to_no_trust() {
     assert!(a.log().contains("is not a known peer") || !a.log().contains("panicked"));
 }
 
-/// Forwards what a client hears to the test thread.
-struct Heard {
-    announced: Mutex<mpsc::Sender<PeerId>>,
-    changed: Mutex<mpsc::Sender<u64>>,
-}
-
-impl XmppEvents for Heard {
-    fn state(&self, _state: XmppState) {}
-    fn announced(
-        &self,
-        _from: &BareJid,
-        _own: bool,
-        peer: PeerId,
-        _addrs: Vec<std::net::SocketAddr>,
-    ) {
-        let _ = self.announced.lock().unwrap().send(peer);
-    }
-    fn changed(&self, _peer: PeerId, _folder: &str, seq: u64) {
-        let _ = self.changed.lock().unwrap().send(seq);
-    }
-}
-
-fn client(
-    prosody: &Prosody,
-    peer: PeerId,
-) -> (XmppClient, mpsc::Receiver<PeerId>, mpsc::Receiver<u64>) {
-    let (announced, heard_announced) = mpsc::channel();
-    let (changed, heard_changed) = mpsc::channel();
-    let settings = Settings {
-        jid: BareJid::new("alice@localhost").unwrap(),
-        resource: latus::xmpp::resource_for("test", &peer),
-        password: PASSWORD.into(),
-        server: Some(prosody.addr()),
-        peer,
-        addrs: vec!["127.0.0.1:9".parse().unwrap()],
-        contacts: vec![],
-        login_timeout: WAIT,
-    };
-    let events = Arc::new(Heard {
-        announced: Mutex::new(announced),
-        changed: Mutex::new(changed),
-    });
-    (
-        XmppClient::start(settings, events).unwrap(),
-        heard_announced,
-        heard_changed,
-    )
-}
-
 /// Thousands of stanzas both ways, each answered before the next: the client
 /// must not stall (tokio-xmpp's receiver can lose a wake-up on a multi-threaded
-/// runtime, hence its thread of its own).
+/// runtime, hence its thread of its own). Timed by `cargo bench --bench xmpp`.
 #[test]
 fn thousands_of_stanzas_cross_both_ways_in_order() {
-    const ROUND_TRIPS: u64 = 2000;
     let prosody = server();
-    let (p, q) = (PeerId([1; 32]), PeerId([2; 32]));
-    let (client_p, announced_p, changed_p) = client(&prosody, p);
-    let (client_q, announced_q, changed_q) = client(&prosody, q);
-    assert_eq!(announced_p.recv_timeout(WAIT), Ok(q));
-    assert_eq!(announced_q.recv_timeout(WAIT), Ok(p));
-    let started = Instant::now();
-    for seq in 0..ROUND_TRIPS {
-        client_p.send_changed(vec![q], "docs", seq);
-        assert_eq!(changed_q.recv_timeout(WAIT), Ok(seq), "Q's stanza {seq}");
-        client_q.send_changed(vec![p], "docs", seq);
-        assert_eq!(changed_p.recv_timeout(WAIT), Ok(seq), "P's stanza {seq}");
-    }
-    let elapsed = started.elapsed();
-    eprintln!(
-        "{ROUND_TRIPS} round trips in {elapsed:?}: {:.0} per second",
-        ROUND_TRIPS as f64 / elapsed.as_secs_f64()
-    );
-    client_p.stop();
-    client_q.stop();
+    Pair::online(&prosody, "alice", PASSWORD).round_trips(2000);
 }

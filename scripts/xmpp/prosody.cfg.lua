@@ -20,6 +20,7 @@ s2s_ports = { }               -- no federation
 http_ports = { }
 https_ports = { }
 
+smacks_max_unacked_stanzas = 10  -- ask for acks every 10 stanzas, not after each
 modules_enabled = {
   "roster"; "saslauth"; "tls"; "disco"; "smacks"; "ping"; "posix";
 }

@@ -17,8 +17,12 @@ use tokio_xmpp::connect::tls_common::TlsStream;
 use tokio_xmpp::connect::{DnsConfig, ServerConnector, starttls::starttls};
 use tokio_xmpp::error::ProtocolError;
 use tokio_xmpp::jid::{BareJid, FullJid, Jid};
+use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::message::Message;
+use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::roster::Roster;
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tokio_xmpp::stanzastream::{Event, StanzaStream, StreamEvent};
 use tokio_xmpp::xmlstream::{PendingFeaturesRecv, StreamHeader, Timeouts, initiate_stream};
 
@@ -335,8 +339,41 @@ impl State<'_> {
         match stanza {
             Stanza::Presence(presence) => self.presence(client, presence).await,
             Stanza::Message(message) => self.message(client, message).await,
-            Stanza::Iq(_) => {}
+            Stanza::Iq(iq) => self.iq(client, iq).await,
         }
+    }
+
+    /// Every request gets an answer, as XMPP wants: an empty result to the
+    /// server's roster pushes, "service unavailable" to anything else.
+    async fn iq(&mut self, client: &mut StanzaStream, iq: Iq) {
+        let (from, id, payload) = match iq {
+            Iq::Get {
+                from, id, payload, ..
+            }
+            | Iq::Set {
+                from, id, payload, ..
+            } => (from, id, payload),
+            Iq::Result { .. } | Iq::Error { .. } => return,
+        };
+        let from_server = from
+            .as_ref()
+            .is_none_or(|from| from.try_as_full().is_err() && from.to_bare() == self.own);
+        let answer = if from_server && payload.is("query", ns::ROSTER) {
+            Iq::from_result(id, None::<Roster>)
+        } else {
+            let error = StanzaError::new(
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "en",
+                "",
+            );
+            Iq::from_error(id, error)
+        };
+        let answer = match from {
+            Some(from) => answer.with_to(from),
+            None => answer,
+        };
+        send(client, answer.into()).await;
     }
 
     async fn presence(&mut self, client: &mut StanzaStream, presence: Presence) {

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod prosody;
+pub mod xmpp_pair;
 
 use std::collections::BTreeMap;
 use std::fs;

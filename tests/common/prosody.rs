@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -98,10 +98,6 @@ impl Prosody {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("prosody.log")).unwrap_or_default()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Kills the server (its clients see the connection drop).
