@@ -355,3 +355,59 @@ fn thousands_of_stanzas_cross_both_ways_in_order() {
     let prosody = server();
     Pair::online(&prosody, "alice", PASSWORD).round_trips(2000);
 }
+
+/// Over XMPP a device learns that another is ahead even when it cannot reach
+/// it: here B's only announced address is closed.
+#[test]
+fn a_device_learns_it_is_behind_from_one_it_cannot_reach() {
+    let prosody = server();
+    let (mut a, b) = (
+        device(&prosody, "alice", PASSWORD),
+        device(&prosody, "alice", PASSWORD),
+    );
+    a.trust(&b, None);
+    a.ok(&["peer", "add", &b.id(), "--name", "bee"]);
+    a.start();
+    let a_jid = full_jid(&a);
+    let b_id: PeerId = b.id().parse().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut b_on_xmpp = RawClient::login(&prosody, "alice@localhost/bee", PASSWORD);
+    b_on_xmpp.send(
+        &a_jid,
+        &Payload::Announce {
+            peer: b_id,
+            addrs: vec![closed],
+        },
+    );
+    b_on_xmpp.send(
+        &a_jid,
+        &Payload::Changed {
+            folder: "docs".into(),
+            seq: 42,
+        },
+    );
+    wait_for("A to record B's news", || {
+        a.status()["status"]["folders"][0]["announced"]["bee"] == 42
+    });
+    assert!(
+        a.log()
+            .contains("has folder docs up to 42, but is not connected"),
+        "{}",
+        a.log()
+    );
+    // News of a folder not shared with B is not taken.
+    b_on_xmpp.send(
+        &a_jid,
+        &Payload::Changed {
+            folder: "other".into(),
+            seq: 7,
+        },
+    );
+    wait_for("A to refuse news of another folder", || {
+        a.log()
+            .contains("sent news of folder \"other\", not shared with it")
+    });
+}
