@@ -21,13 +21,19 @@
 //! available" and wakes the folder's loop as the watcher would: the rescan
 //! records the change, and the peer then asks for the new content.
 //!
+//! The share list (`device.db`) is watched too: a folder added or shared, or a
+//! peer added or removed, while the daemon runs takes effect at once; the
+//! connections of a peer whose shares changed are closed, so both sides say
+//! hello again with what they now share. With an XMPP account ([`crate::xmpp`]),
+//! peers are also dialled at the addresses they announce there.
+//!
 //! The log goes to stderr and to daily files in `<data dir>/logs/` (the last
 //! [`LOG_FILES_KEPT`] kept; `latus.log` links to the current one).
 //!
 //! Not yet here: targeted rescans of the paths the watcher names (each wake scans the whole
 //! folder, unchanged files by stat only).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -166,6 +172,11 @@ struct Daemon {
     /// Wakes the dialers when a peer announced new addresses.
     addrs_changed: Notify,
     xmpp: Mutex<Option<XmppClient>>,
+    /// The peers a dial loop runs for.
+    dialing: Mutex<HashSet<PeerId>>,
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    /// The folder paths the watcher watches.
+    watched: Mutex<HashSet<PathBuf>>,
     connections: Mutex<HashMap<PeerId, Vec<Arc<Connection>>>>,
     /// Folder sources answering peers' requests, one per folder id.
     sources: Mutex<HashMap<String, Arc<FolderPeer>>>,
@@ -195,6 +206,9 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         discovered: Mutex::new(HashMap::new()),
         addrs_changed: Notify::new(),
         xmpp: Mutex::new(None),
+        dialing: Mutex::new(HashSet::new()),
+        watcher: Mutex::new(None),
+        watched: Mutex::new(HashSet::new()),
         connections: Mutex::new(HashMap::new()),
         sources: Mutex::new(HashMap::new()),
         replicas: RwLock::new(HashMap::new()),
@@ -246,16 +260,13 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
     daemon.update_status(|status| status.listen = bound.to_string());
 
     runtime.spawn(accept_loop(Arc::clone(&daemon), listener));
-    // Every known peer: those without an address may announce one over XMPP.
-    for peer in peers {
-        runtime.spawn(dial_loop(Arc::clone(&daemon), peer.id));
-    }
+    daemon.start_dialers(runtime.handle());
     match XmppConfig::load(home) {
         Ok(Some(config)) => start_xmpp(&daemon, home, config, bound),
         Ok(None) => {}
         Err(e) => tracing::warn!("not using XMPP: {e}"),
     }
-    let _watcher = watch(&daemon);
+    watch(&daemon);
     let syncer = {
         let (daemon, handle) = (Arc::clone(&daemon), runtime.handle().clone());
         std::thread::spawn(move || sync_loop(&daemon, &handle, &options))
@@ -447,6 +458,123 @@ impl Daemon {
         self.wake_up();
     }
 
+    /// Takes the share list as `latus peer`/`latus folder` left it (the daemon
+    /// reads it before each round, and the watcher wakes it when it changes):
+    /// new folders are prepared and watched, new peers dialled, and the
+    /// connections of peers whose shares changed are closed, so that both
+    /// sides say hello again with the folders they now share.
+    fn apply_shares(
+        self: &Arc<Self>,
+        handle: &Handle,
+        folders: Vec<SharedFolder>,
+        peers: Vec<KnownPeer>,
+    ) {
+        let shares_of = |folders: &[SharedFolder]| {
+            let mut shares: HashMap<PeerId, BTreeSet<String>> = HashMap::new();
+            for folder in folders {
+                for peer in &folder.peers {
+                    shares.entry(*peer).or_default().insert(folder.id.clone());
+                }
+            }
+            shares
+        };
+        let before = shares_of(&self.folders.read().unwrap_or_else(|p| p.into_inner()));
+        let after = shares_of(&folders);
+        // A new folder's history and replica id exist before a hello names it.
+        let prepared: HashSet<String> = self
+            .replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for folder in folders.iter().filter(|f| !prepared.contains(&f.id)) {
+            if let Err(e) = self.prepare(folder) {
+                tracing::warn!("folder {}: {e}", folder.id);
+            }
+        }
+        *self.folders.write().unwrap_or_else(|p| p.into_inner()) = folders;
+        *self.allowed.write().unwrap_or_else(|p| p.into_inner()) =
+            peers.iter().map(|p| p.id).collect();
+        self.update_status(|status| {
+            let mut known = std::mem::take(&mut status.peers);
+            status.peers = peers
+                .iter()
+                .map(|p| {
+                    let id = p.id.to_string();
+                    let old = known
+                        .iter()
+                        .position(|k| k.id == id)
+                        .map(|i| known.swap_remove(i))
+                        .unwrap_or_default();
+                    PeerStatus {
+                        id,
+                        name: p.name.clone(),
+                        addrs: p.addrs.clone(),
+                        ..old
+                    }
+                })
+                .collect();
+        });
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        for (peer, list) in connections.iter() {
+            if before.get(peer) != after.get(peer) {
+                tracing::info!("the folders shared with {peer} changed: reconnecting");
+                list.iter().for_each(|c| c.close());
+            }
+        }
+        drop(connections);
+        self.start_dialers(handle);
+        self.watch_folders();
+    }
+
+    /// A dial loop for each known peer that has none.
+    fn start_dialers(self: &Arc<Self>, handle: &Handle) {
+        let peers: Vec<PeerId> = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        for peer in peers {
+            // Every known peer: those without an address may announce one over XMPP.
+            if dialing.insert(peer) {
+                handle.spawn(dial_loop(Arc::clone(self), peer));
+            }
+        }
+    }
+
+    /// Watches the folders not watched yet.
+    fn watch_folders(&self) {
+        let mut watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(watcher) = watcher.as_mut() else {
+            return;
+        };
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        for folder in self
+            .folders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if watched.contains(&folder.path) {
+                continue;
+            }
+            match watcher.watch(&folder.path, notify::RecursiveMode::Recursive) {
+                Ok(()) => {
+                    watched.insert(folder.path.clone());
+                }
+                Err(e) => tracing::warn!(
+                    "folder {}: not watched ({e}); changes are found by rescans",
+                    folder.id
+                ),
+            }
+        }
+    }
+
     /// The configured addresses of `peer`, then those it announced over XMPP.
     fn addrs_of(&self, peer: &PeerId) -> Vec<String> {
         let mut addrs = self
@@ -632,6 +760,19 @@ async fn dial_loop(daemon: Arc<Daemon>, peer: PeerId) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(500);
     let mut backoff = FIRST_BACKOFF;
     while !daemon.stop.load(Ordering::Relaxed) {
+        let known = daemon
+            .allowed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&peer);
+        if !known {
+            daemon
+                .dialing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&peer);
+            return;
+        }
         let addrs_changed = daemon.addrs_changed.notified();
         if daemon.is_connected(&peer) {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -674,10 +815,11 @@ async fn dial(daemon: &Arc<Daemon>, peer: PeerId, addr: &str) -> Result<()> {
     Ok(())
 }
 
-/// Watches every folder; `None` (and a warning) if the watcher cannot start,
-/// then only the periodic rescans find local changes.
-fn watch(daemon: &Arc<Daemon>) -> Option<notify::RecommendedWatcher> {
+/// Watches every folder, and the share list (`device.db`): a warning if the
+/// watcher cannot start, then only the periodic rescans find local changes.
+fn watch(daemon: &Arc<Daemon>) {
     let weak = Arc::downgrade(daemon);
+    let data_dir = daemon.data_dir.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         // Reads (ours included: a scan opens every directory) change nothing.
@@ -685,6 +827,23 @@ fn watch(daemon: &Arc<Daemon>) -> Option<notify::RecommendedWatcher> {
             return;
         }
         tracing::trace!("watched: {event:?}");
+        let Some(daemon) = weak.upgrade() else {
+            return;
+        };
+        if event.paths.iter().any(|p| p.parent() == Some(&data_dir)) {
+            // `latus peer` or `latus folder` changed the share list: apply it now.
+            // The daemon's own files there (status, logs) are not news.
+            let shares_changed = event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    n.as_encoded_bytes()
+                        .starts_with(crate::shares::DB_FILE.as_bytes())
+                })
+            });
+            if shares_changed {
+                daemon.wake_up();
+            }
+            return;
+        }
         // Latus's own bookkeeping is not a change to sync.
         let ours = event.paths.iter().all(|p| {
             p.components()
@@ -694,7 +853,7 @@ fn watch(daemon: &Arc<Daemon>) -> Option<notify::RecommendedWatcher> {
                         .starts_with(crate::folder::TEMP_PREFIX.as_bytes())
                 })
         });
-        if !ours && let Some(daemon) = weak.upgrade() {
+        if !ours {
             daemon.file_changed();
         }
     });
@@ -702,35 +861,24 @@ fn watch(daemon: &Arc<Daemon>) -> Option<notify::RecommendedWatcher> {
         Ok(watcher) => watcher,
         Err(e) => {
             tracing::warn!("no file-system watcher ({e}); changes are found by rescans only");
-            return None;
+            return;
         }
     };
-    for folder in daemon
-        .folders
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-    {
-        if let Err(e) = watcher.watch(&folder.path, notify::RecursiveMode::Recursive) {
-            tracing::warn!(
-                "folder {}: not watched ({e}); changes are found by rescans",
-                folder.id
-            );
-        }
+    if let Err(e) = watcher.watch(&daemon.data_dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(
+            "{}: not watched ({e}); share-list changes apply at the next round",
+            daemon.data_dir.display()
+        );
     }
-    Some(watcher)
+    *daemon.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
+    daemon.watch_folders();
 }
 
 /// Syncs every folder, again and again, until the daemon stops.
-fn sync_loop(daemon: &Daemon, handle: &Handle, options: &ServeOptions) {
+fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
     while !daemon.stop.load(Ordering::Relaxed) {
         match Shares::open(&daemon.data_dir).and_then(|s| Ok((s.folders()?, s.peers()?))) {
-            Ok((folders, peers)) => {
-                *daemon.folders.write().unwrap_or_else(|p| p.into_inner()) = folders;
-                *daemon.allowed.write().unwrap_or_else(|p| p.into_inner()) =
-                    peers.iter().map(|p| p.id).collect();
-                *daemon.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
-            }
+            Ok((folders, peers)) => daemon.apply_shares(handle, folders, peers),
             Err(e) => tracing::warn!("reading the share list: {e}"),
         }
         let folders = daemon

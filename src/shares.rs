@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::device::PeerId;
 use crate::error::{Error, Result};
 
-const DB_FILE: &str = "device.db";
+pub const DB_FILE: &str = "device.db";
 const SCHEMA: &str = r#"
     CREATE TABLE IF NOT EXISTS peers (
         id BLOB PRIMARY KEY,

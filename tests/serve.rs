@@ -92,6 +92,37 @@ fn pair() -> (Device, Device) {
     (a, b)
 }
 
+/// `latus folder` and `latus peer` while the daemons run: a folder shared then
+/// syncs at once (its connection says hello again), a peer removed is cut off.
+#[test]
+fn folders_shared_and_peers_removed_while_running_take_effect() {
+    let (a, b) = pair();
+    let (a_id, b_id) = (a.id(), b.id());
+    for (device, other) in [(&a, &b_id), (&b, &a_id)] {
+        let music = device.home.join("music");
+        fs::create_dir_all(&music).unwrap();
+        device.ok(&["folder", "add", "music", music.to_str().unwrap()]);
+        device.ok(&["folder", "share", "music", other]);
+    }
+    write(&a.home.join("music"), "song.txt", b"la la");
+    wait_for("the new folder to sync", || {
+        fs::read(b.home.join("music/song.txt")).is_ok_and(|c| c == b"la la")
+    });
+    assert!(a.log().contains("the folders shared with"), "{}", a.log());
+
+    b.ok(&["peer", "remove", &a_id]);
+    wait_for("B to drop A", || {
+        a.status()["status"]["peers"][0]["connected"] == false
+            && b.status()["status"]["peers"]
+                .as_array()
+                .is_some_and(|peers| peers.is_empty())
+    });
+    write(&a.folder, "after.txt", b"too late");
+    // A round on A, which B no longer hears of: its dialer for A is gone.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!b.folder.join("after.txt").exists());
+}
+
 #[test]
 fn two_daemons_sync_creations_edits_renames_and_deletions_both_ways() {
     let (a, b) = pair();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::device::PeerId;
 use crate::error::{Error, Result};
@@ -36,11 +36,17 @@ pub struct Connection {
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    close_requested: Notify,
 }
 
 impl Connection {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Ends the connection (the peer may dial again and say hello anew).
+    pub fn close(&self) {
+        self.close_requested.notify_one();
     }
 
     pub async fn request(&self, request: Request) -> Result<Response> {
@@ -122,6 +128,7 @@ where
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         closed: AtomicBool::new(false),
+        close_requested: Notify::new(),
     });
     up(Arc::clone(&connection));
 
@@ -135,7 +142,10 @@ where
             tracing::trace!("sent {}", describe(&message));
         }
     });
-    let result = receive(&mut reader, &connection, &outgoing, handler).await;
+    let result = tokio::select! {
+        result = receive(&mut reader, &connection, &outgoing, handler) => result,
+        () = connection.close_requested.notified() => Ok(()),
+    };
     connection.closed.store(true, Ordering::Relaxed);
     // Requests still waiting learn that the connection is gone.
     connection.pending_map().clear();
