@@ -516,7 +516,16 @@ impl Daemon {
                 })
                 .collect();
         });
-        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+        let contacts = contacts_of(&peers);
+        let old_peers = std::mem::replace(
+            &mut *self.peers.write().unwrap_or_else(|p| p.into_inner()),
+            peers,
+        );
+        if contacts_of(&old_peers) != contacts
+            && let Some(xmpp) = &*self.xmpp.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            xmpp.set_contacts(contacts);
+        }
         let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         for (peer, list) in connections.iter() {
             if before.get(peer) != after.get(peer) {
@@ -575,16 +584,18 @@ impl Daemon {
         }
     }
 
-    /// The configured addresses of `peer`, then those it announced over XMPP.
-    fn addrs_of(&self, peer: &PeerId) -> Vec<String> {
-        let mut addrs = self
-            .peers
+    fn known_peer(&self, peer: &PeerId) -> Option<KnownPeer> {
+        self.peers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|p| p.id == *peer)
-            .map(|p| p.addrs.clone())
-            .unwrap_or_default();
+            .cloned()
+    }
+
+    /// The configured addresses of `peer`, then those it announced over XMPP.
+    fn addrs_of(&self, peer: &PeerId) -> Vec<String> {
+        let mut addrs = self.known_peer(peer).map(|p| p.addrs).unwrap_or_default();
         let discovered = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
         for addr in discovered.get(peer).into_iter().flatten() {
             if !addrs.contains(addr) {
@@ -1190,10 +1201,8 @@ fn start_xmpp(daemon: &Arc<Daemon>, home: &Home, config: XmppConfig, bound: Sock
     let started = (|| {
         let jid = config.check()?;
         let password = xmpp::password(home)?;
-        let peers = daemon.peers.read().unwrap_or_else(|p| p.into_inner());
-        let contacts = peers
-            .iter()
-            .filter_map(|p| BareJid::new(p.jid.as_deref()?).ok())
+        let contacts = contacts_of(&daemon.peers.read().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
             .filter(|contact| *contact != jid)
             .collect();
         let settings = xmpp::Settings {
@@ -1225,6 +1234,14 @@ fn start_xmpp(daemon: &Arc<Daemon>, home: &Home, config: XmppConfig, bound: Sock
             set_state(e.to_string());
         }
     }
+}
+
+/// The XMPP accounts of the peers that belong to other people.
+fn contacts_of(peers: &[KnownPeer]) -> Vec<BareJid> {
+    peers
+        .iter()
+        .filter_map(|p| BareJid::new(p.jid.as_deref()?).ok())
+        .collect()
 }
 
 /// How long the first XMPP login may take before the daemon finds out why not.
@@ -1271,14 +1288,7 @@ impl XmppEvents for XmppLink {
         let Some(daemon) = self.0.upgrade() else {
             return;
         };
-        let known = daemon
-            .peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|p| p.id == peer)
-            .cloned();
-        let Some(known) = known else {
+        let Some(known) = daemon.known_peer(&peer) else {
             tracing::warn!(
                 "xmpp: {from} announced peer {peer}, which is not a known peer; ignored"
             );
@@ -1320,12 +1330,8 @@ impl XmppEvents for XmppLink {
             return;
         }
         let name = daemon
-            .peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|p| p.id == peer)
-            .map_or_else(|| peer.short(), |p| p.name.clone());
+            .known_peer(&peer)
+            .map_or_else(|| peer.short(), |p| p.name);
         daemon.folder_status(folder, |status| {
             status.announced.insert(name.clone(), seq);
         });

@@ -82,6 +82,16 @@ fn wait_same(a: &Device, b: &Device) {
     }
 }
 
+/// Says a hello that offers no folder, as a hand-made client.
+async fn say_hello<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S) {
+    let hello = Message::Hello {
+        version: VERSION,
+        name: "test".into(),
+        folders: vec![],
+    };
+    protocol::write_frame(stream, &hello).await.unwrap();
+}
+
 /// A and B share "docs"; B knows A's address.
 fn pair() -> (Device, Device) {
     let (mut a, mut b) = (Device::new(), Device::new());
@@ -201,12 +211,7 @@ async fn unshared_folders_bad_frames_and_bad_paths_are_refused_and_others_still_
 
     // A folder not shared with B: refused.
     let mut tls = connect_as(&b, &a, &addr).await;
-    let hello = Message::Hello {
-        version: VERSION,
-        name: "test".into(),
-        folders: vec![],
-    };
-    protocol::write_frame(&mut tls, &hello).await.unwrap();
+    say_hello(&mut tls).await;
     let theirs = protocol::read_frame(&mut tls).await.unwrap().unwrap();
     let Message::Hello { folders, .. } = theirs else {
         panic!("no hello: {theirs:?}")
@@ -280,7 +285,7 @@ async fn unshared_folders_bad_frames_and_bad_paths_are_refused_and_others_still_
     // Garbage, then an oversized frame, each on a new connection: closed too.
     for frame in [vec![0xff; 40], Vec::new()] {
         let mut tls = connect_as(&b, &a, &addr).await;
-        protocol::write_frame(&mut tls, &hello).await.unwrap();
+        say_hello(&mut tls).await;
         protocol::read_frame(&mut tls).await.unwrap();
         if frame.is_empty() {
             tls.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
@@ -595,12 +600,7 @@ async fn a_chunk_the_disk_no_longer_holds_is_not_served_and_the_folder_is_rescan
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut tls = connect_as(&b, &a, &addr).await;
-    let hello = Message::Hello {
-        version: VERSION,
-        name: "test".into(),
-        folders: vec![],
-    };
-    protocol::write_frame(&mut tls, &hello).await.unwrap();
+    say_hello(&mut tls).await;
     protocol::read_frame(&mut tls).await.unwrap().unwrap();
     wait_for("the round after the connection", || {
         a.last_synced().is_some_and(|t| t > first)

@@ -143,7 +143,8 @@ fn three_daemons_on_one_account_converge() {
 }
 
 /// A folder shared with another person: each device knows the other's owner
-/// as a contact (`peer add --jid`); they subscribe to each other's presence.
+/// as a contact (`peer add --jid`, here added to B while it runs); they
+/// subscribe to each other's presence.
 #[test]
 fn devices_of_two_accounts_that_are_each_others_contacts_sync() {
     let prosody = server();
@@ -154,11 +155,17 @@ fn devices_of_two_accounts_that_are_each_others_contacts_sync() {
     );
     a.ok(&["peer", "add", &b.id(), "--jid", "bob@localhost"]);
     a.ok(&["folder", "share", "docs", &b.id()]);
-    b.ok(&["peer", "add", &a.id(), "--jid", "Alice@LOCALHOST"]);
-    b.ok(&["folder", "share", "docs", &a.id()]);
+    b.trust(&a, None);
     write(&a.folder, "for-bob.txt", b"hi bob");
     a.start();
     b.start();
+    // Until B records A's owner as a contact, alice's stanzas are not heard.
+    wait_for("B to ignore alice", || {
+        b.log()
+            .contains("ignored a subscription request from alice@localhost")
+    });
+    assert!(!b.folder.join("for-bob.txt").exists());
+    b.ok(&["peer", "add", &a.id(), "--jid", "Alice@LOCALHOST"]);
     wait_for_file(&[&b], "for-bob.txt", b"hi bob");
     write(&b.folder, "for-alice.txt", b"hi alice");
     wait_for_file(&[&a], "for-alice.txt", b"hi alice");

@@ -250,11 +250,13 @@ enum Command {
         folder: String,
         seq: u64,
     },
+    Contacts(Vec<BareJid>),
     Stop,
 }
 
 /// The running client: dropped or stopped, it says "unavailable" and logs out.
 pub struct XmppClient {
+    own: BareJid,
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -263,11 +265,13 @@ impl XmppClient {
     /// Starts the client on a thread of its own; it logs in and keeps trying.
     pub fn start(settings: Settings, events: Arc<dyn XmppEvents>) -> Result<Self> {
         let (commands, receiver) = mpsc::unbounded_channel();
+        let own = settings.jid.clone();
         let thread = std::thread::Builder::new()
             .name("xmpp".into())
             .spawn(move || session::run(settings, events, receiver))
             .map_err(|e| Error::Xmpp(format!("cannot start the XMPP thread: {e}")))?;
         Ok(XmppClient {
+            own,
             commands,
             thread: Some(thread),
         })
@@ -281,6 +285,12 @@ impl XmppClient {
             folder: folder.to_string(),
             seq,
         });
+    }
+
+    /// The contacts whose stanzas are trusted, as the peer list now says.
+    pub fn set_contacts(&self, mut contacts: Vec<BareJid>) {
+        contacts.retain(|contact| *contact != self.own);
+        let _ = self.commands.send(Command::Contacts(contacts));
     }
 
     /// Says "unavailable", logs out, and waits for the thread.

@@ -104,6 +104,8 @@ pub(super) fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut delay = FIRST_RETRY_DELAY;
+    // Kept across sessions: the daemon updates it as the peer list changes.
+    let mut contacts: HashSet<BareJid> = settings.contacts.iter().cloned().collect();
     loop {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -116,7 +118,12 @@ pub(super) fn run(
             }
         };
         events.state(XmppState::Connecting);
-        let ended = runtime.block_on(session(&settings, events.as_ref(), &mut commands));
+        let ended = runtime.block_on(session(
+            &settings,
+            events.as_ref(),
+            &mut commands,
+            &mut contacts,
+        ));
         // Dropping the runtime also ends tokio-xmpp's reconnection task, which
         // would otherwise retry a refused password forever.
         drop(runtime);
@@ -134,7 +141,7 @@ pub(super) fn run(
                 events.state(XmppState::Reconnecting("lost the server".into()));
             }
         }
-        if wait_or_stop(delay, &mut commands) {
+        if wait_or_stop(delay, &mut commands, &mut contacts) {
             events.state(XmppState::Stopped);
             return;
         }
@@ -142,9 +149,12 @@ pub(super) fn run(
     }
 }
 
-/// Waits `delay`; `true` if told to stop meanwhile. Other commands are dropped:
-/// there is no one to tell while offline.
-fn wait_or_stop(delay: Duration, commands: &mut mpsc::UnboundedReceiver<Command>) -> bool {
+/// Waits `delay`; `true` if told to stop meanwhile.
+fn wait_or_stop(
+    delay: Duration,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    contacts: &mut HashSet<BareJid>,
+) -> bool {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -157,17 +167,34 @@ fn wait_or_stop(delay: Duration, commands: &mut mpsc::UnboundedReceiver<Command>
         loop {
             match tokio::time::timeout_at(deadline, commands.recv()).await {
                 Err(_) => return false,
-                Ok(None | Some(Command::Stop)) => return true,
-                Ok(Some(_)) => {}
+                Ok(command) => {
+                    if offline(command, contacts) {
+                        return true;
+                    }
+                }
             }
         }
     })
+}
+
+/// A command while not online; `true` for "stop". News is dropped: there is
+/// no one to tell.
+fn offline(command: Option<Command>, contacts: &mut HashSet<BareJid>) -> bool {
+    match command {
+        None | Some(Command::Stop) => true,
+        Some(Command::Contacts(new)) => {
+            *contacts = new.into_iter().collect();
+            false
+        }
+        Some(Command::Changed { .. }) => false,
+    }
 }
 
 async fn session(
     settings: &Settings,
     events: &dyn XmppEvents,
     commands: &mut mpsc::UnboundedReceiver<Command>,
+    contacts: &mut HashSet<BareJid>,
 ) -> Ended {
     let full = match settings.jid.with_resource_str(&settings.resource) {
         Ok(full) => full,
@@ -190,7 +217,7 @@ async fn session(
     // first connection, then find out why it does not come.
     let first = tokio::select! {
         first = tokio::time::timeout(settings.login_timeout, first_online(&mut client)) => first,
-        _ = stop_requested(commands) => return Ended::Stopped,
+        _ = stop_requested(commands, contacts) => return Ended::Stopped,
     };
     let bound = match first {
         Ok(Some(bound)) => {
@@ -204,7 +231,7 @@ async fn session(
         settings,
         events,
         own: settings.jid.clone(),
-        contacts: settings.contacts.iter().cloned().collect(),
+        contacts,
         bound: bound.try_as_full().ok().cloned(),
         devices: HashMap::new(),
         announced_to: HashSet::new(),
@@ -245,6 +272,7 @@ async fn session(
                 Some(Command::Changed { to, folder, seq }) => {
                     state.send_changed(&mut client, &to, &folder, seq).await;
                 }
+                Some(Command::Contacts(contacts)) => state.set_contacts(&mut client, contacts).await,
             },
         }
     }
@@ -259,13 +287,11 @@ async fn first_online(client: &mut StanzaStream) -> Option<Jid> {
     None
 }
 
-async fn stop_requested(commands: &mut mpsc::UnboundedReceiver<Command>) {
-    loop {
-        match commands.recv().await {
-            None | Some(Command::Stop) => return,
-            Some(_) => {}
-        }
-    }
+async fn stop_requested(
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    contacts: &mut HashSet<BareJid>,
+) {
+    while !offline(commands.recv().await, contacts) {}
 }
 
 /// Logs in once more, by hand, to tell why the client does not come online.
@@ -306,7 +332,7 @@ struct State<'a> {
     settings: &'a Settings,
     events: &'a dyn XmppEvents,
     own: BareJid,
-    contacts: HashSet<BareJid>,
+    contacts: &'a mut HashSet<BareJid>,
     bound: Option<FullJid>,
     /// The trusted resources online, with the peer id each announced.
     devices: HashMap<FullJid, Option<PeerId>>,
@@ -322,11 +348,25 @@ impl State<'_> {
         // A negative priority: chat messages to the bare JID go to the user's
         // chat clients, never to a Latus resource.
         send(client, Presence::available().with_priority(-1).into()).await;
-        for contact in &self.contacts {
+        for contact in self.contacts.iter() {
             // Asks to see the contact's presence (a no-op if already allowed).
             let subscribe = Presence::subscribe().with_to(Jid::from(contact.clone()));
             send(client, subscribe.into()).await;
         }
+    }
+
+    /// New contacts are asked for their presence; removed ones are no longer heard.
+    async fn set_contacts(&mut self, client: &mut StanzaStream, contacts: Vec<BareJid>) {
+        let contacts: HashSet<BareJid> = contacts.into_iter().collect();
+        for added in contacts.difference(self.contacts) {
+            let subscribe = Presence::subscribe().with_to(Jid::from(added.clone()));
+            send(client, subscribe.into()).await;
+        }
+        self.devices.retain(|jid, _| {
+            let bare = jid.to_bare();
+            bare == self.own || contacts.contains(&bare)
+        });
+        *self.contacts = contacts;
     }
 
     /// The account itself, or a contact recorded for a known peer.
