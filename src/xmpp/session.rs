@@ -322,8 +322,8 @@ async fn diagnose(settings: &Settings, connector: &Connector) -> String {
     }
 }
 
-/// Queues a stanza: sent now, or after a reconnection (stream management
-/// resends what the server did not acknowledge).
+/// Queues a stanza. If the server is lost first, it goes with the session;
+/// the next session announces this device again.
 async fn send(client: &mut StanzaStream, stanza: Stanza) {
     client.send(Box::new(stanza)).await;
 }
