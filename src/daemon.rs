@@ -256,7 +256,11 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         .map_err(|e| Error::io(&options.listen, e))?;
     tracing::info!("listening on {bound}");
     let addr_file = home.data_dir.join(ADDR_FILE);
-    std::fs::write(&addr_file, format!("{bound}\n")).map_err(|e| Error::io(&addr_file, e))?;
+    // Through a rename: a reader never sees the file half written.
+    let addr_tmp = home.data_dir.join(format!("{ADDR_FILE}.tmp"));
+    std::fs::write(&addr_tmp, format!("{bound}\n"))
+        .and_then(|()| std::fs::rename(&addr_tmp, &addr_file))
+        .map_err(|e| Error::io(&addr_file, e))?;
     daemon.update_status(|status| status.listen = bound.to_string());
 
     runtime.spawn(accept_loop(Arc::clone(&daemon), listener));

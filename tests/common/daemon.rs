@@ -105,8 +105,12 @@ impl Device {
             .spawn()
             .unwrap();
         self.daemon = Some(child);
-        wait_for("the daemon to listen", || addr_file.exists());
-        fs::read_to_string(addr_file).unwrap().trim().to_string()
+        let mut addr = String::new();
+        wait_for("the daemon to listen", || {
+            addr = fs::read_to_string(&addr_file).unwrap_or_default();
+            addr.ends_with('\n')
+        });
+        addr.trim().to_string()
     }
 
     /// Stops the daemon with SIGTERM and checks that it exits cleanly.
