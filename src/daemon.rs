@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use notify::Watcher;
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -49,18 +50,19 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio_xmpp::jid::BareJid;
 
-use crate::content::{ChunkInfo, Hash};
+use crate::content::Hash;
 use crate::device::{Home, PeerId};
 use crate::diff;
 use crate::error::{Error, Result};
 use crate::folder::Folder;
-use crate::history::{Entry, HistoryStore};
+use crate::history::HistoryStore;
 use crate::identity::Identity;
 use crate::merge::{self, MergeOptions};
 use crate::net::conn::{self, Connection, RequestHandler};
 use crate::net::protocol::{
-    MAX_ENTRIES, MAX_FRAME, Message, Request, Response, VERSION, WireChunk, WireEntry,
+    MAX_ENTRIES, MAX_FRAME, Message, Request, Response, VERSION, WantedChunk, WireChunk, WireEntry,
 };
+use crate::net::remote::{RemoteFolder, WrongChunks};
 use crate::net::tls::{self, Allowed};
 use crate::peer::{FolderPeer, Peer};
 use crate::scan::{self, ScanOptions};
@@ -187,6 +189,8 @@ struct Daemon {
     /// its new paths (or the reverse), and peers would fetch what they could
     /// have renamed. Only a folder's first scan is shown batch by batch.
     published: Published,
+    /// The chunks each peer sent wrong: not asked of it again.
+    wrong_chunks: WrongChunks,
     wake: (Mutex<Wake>, Condvar),
     stop: AtomicBool,
     status: Mutex<Status>,
@@ -213,6 +217,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         sources: Mutex::new(HashMap::new()),
         replicas: RwLock::new(HashMap::new()),
         published: Arc::default(),
+        wrong_chunks: WrongChunks::default(),
         wake: (Mutex::new(Wake::default()), Condvar::new()),
         stop: AtomicBool::new(false),
         status: Mutex::new(Status {
@@ -639,7 +644,7 @@ impl RequestHandler for Daemon {
         let folder_id = match &request {
             Request::ChangesSince { folder, .. }
             | Request::ChunksOf { folder, .. }
-            | Request::ReadChunk { folder, .. } => folder.clone(),
+            | Request::ReadChunks { folder, .. } => folder.clone(),
         };
         let Some(folder) = self.shared_folder(peer, &folder_id) else {
             tracing::warn!(
@@ -681,24 +686,29 @@ impl RequestHandler for Daemon {
                         .map(WireChunk::from)
                         .collect(),
                 ),
-                Request::ReadChunk {
-                    path,
-                    content,
-                    chunk,
-                    ..
-                } => {
-                    let bytes = source.read_chunk(&path, &Hash(content), &chunk.checked()?)?;
-                    if bytes.is_none() {
-                        // The history says this folder holds the content; the disk
-                        // does not. A change the watcher missed (or has not synced
-                        // yet): a rescan records it and the peer hears of it.
-                        tracing::debug!(
-                            "folder {}: {path:?} no longer holds a chunk a peer asked for; rescanning",
-                            folder.id
-                        );
-                        self.file_changed();
+                Request::ReadChunks { wanted, .. } => {
+                    let mut answers = Vec::with_capacity(wanted.len());
+                    for WantedChunk {
+                        path,
+                        content,
+                        chunk,
+                    } in wanted
+                    {
+                        let bytes = source.read_chunk(&path, &Hash(content), &chunk.checked()?)?;
+                        if bytes.is_none() {
+                            // The history says this folder holds the content; the
+                            // disk does not. A change the watcher missed (or has
+                            // not synced yet): a rescan records it and the peer
+                            // hears of it.
+                            tracing::debug!(
+                                "folder {}: {path:?} no longer holds a chunk a peer asked for; rescanning",
+                                folder.id
+                            );
+                            self.file_changed();
+                        }
+                        answers.push(bytes.map(ByteBuf::from));
                     }
-                    Response::Chunk(bytes)
+                    Response::ChunkData(answers)
                 }
             })
         };
@@ -941,6 +951,10 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
     }
 }
 
+/// Files built at once from a peer: each build mostly waits for the network, so
+/// more of them than cores keep the connection full.
+const NETWORK_BUILD_THREADS: usize = 8;
+
 /// One round for one folder: scan, then take what each connected peer changed.
 fn sync_folder(
     daemon: &Daemon,
@@ -971,16 +985,24 @@ fn sync_folder(
         ..ScanOptions::default()
     };
     scan::scan(&folder, &mut store, replica, &scan_options)?;
-    for connection in daemon.connections_for(shared) {
+    let connections = daemon.connections_for(shared);
+    for connection in &connections {
         let Some(replica) = connection.folders.get(&shared.id).copied() else {
             continue;
         };
-        let remote = RemoteFolder {
-            connection: Arc::clone(&connection),
-            folder: shared.id.clone(),
+        let others = connections
+            .iter()
+            .filter(|other| other.peer != connection.peer)
+            .cloned()
+            .collect();
+        let remote = RemoteFolder::new(
+            Arc::clone(connection),
+            others,
+            shared.id.clone(),
             replica,
-            handle: handle.clone(),
-        };
+            handle.clone(),
+            daemon.wrong_chunks.clone(),
+        );
         local_sync::exchange_with(&mut store, &remote, None)?;
         let plan = diff::plan(&store, &replica)?;
         if plan.is_empty() {
@@ -990,11 +1012,12 @@ fn sync_folder(
             local_sync::check_mass_delete(&folder, &store, &plan, &options.sync)?;
         }
         daemon.folder_status(&shared.id, |status| status.state = "syncing".into());
-        let resumable = MergeOptions {
+        let over_network = MergeOptions {
             resumable: true,
+            build_threads: NETWORK_BUILD_THREADS,
             ..MergeOptions::default()
         };
-        let merged = merge::apply(&folder, &mut store, &remote, plan, &resumable)?;
+        let merged = merge::apply(&folder, &mut store, &remote, plan, &over_network)?;
         let conflicts = merged.conflicts.len();
         daemon.folder_status(&shared.id, |status| status.conflicts += conflicts);
         tracing::info!(
@@ -1043,128 +1066,6 @@ impl scan::ScanObserver for Announce {
         for connection in &self.connections {
             connection.notify_changed(&self.folder, last_seq);
         }
-    }
-}
-
-/// A peer's copy of a folder, reached through a connection: what the engine
-/// reads histories and chunks from.
-struct RemoteFolder {
-    connection: Arc<Connection>,
-    folder: String,
-    replica: PeerId,
-    handle: Handle,
-}
-
-impl RemoteFolder {
-    fn ask(&self, request: Request) -> Result<Response> {
-        match self.handle.block_on(self.connection.request(request))? {
-            Response::Refused(reason) => Err(Error::Peer(format!(
-                "{} refused: {reason}",
-                self.connection.name
-            ))),
-            response => Ok(response),
-        }
-    }
-
-    fn unexpected(&self) -> Error {
-        Error::Protocol(format!(
-            "{} answered with the wrong kind of reply",
-            self.connection.name
-        ))
-    }
-}
-
-impl Peer for RemoteFolder {
-    fn id(&self) -> PeerId {
-        self.replica
-    }
-
-    fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Entry>> {
-        let limit = u32::try_from(limit).unwrap_or(MAX_ENTRIES).min(MAX_ENTRIES);
-        match self.ask(Request::ChangesSince {
-            folder: self.folder.clone(),
-            seq,
-            limit,
-        })? {
-            Response::Changes(entries) => {
-                let mut checked = Vec::with_capacity(entries.len());
-                let mut last = seq;
-                for entry in entries {
-                    let entry = entry.checked()?;
-                    if entry.seq <= last {
-                        return Err(Error::Protocol("entries out of sequence".into()));
-                    }
-                    last = entry.seq;
-                    checked.push(entry);
-                }
-                Ok(checked)
-            }
-            _ => Err(self.unexpected()),
-        }
-    }
-
-    fn chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>> {
-        match self.ask(Request::ChunksOf {
-            folder: self.folder.clone(),
-            content: content.0,
-        })? {
-            Response::Chunks(chunks) => chunks.iter().map(WireChunk::checked).collect(),
-            _ => Err(self.unexpected()),
-        }
-    }
-
-    fn read_chunk(&self, path: &str, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
-        match self.ask(Request::ReadChunk {
-            folder: self.folder.clone(),
-            path: path.to_string(),
-            content: content.0,
-            chunk: WireChunk::from(chunk),
-        })? {
-            Response::Chunk(bytes) => Ok(bytes),
-            _ => Err(self.unexpected()),
-        }
-    }
-
-    fn read_chunks(
-        &self,
-        path: &str,
-        content: &Hash,
-        chunks: &[ChunkInfo],
-    ) -> Result<Vec<Option<Vec<u8>>>> {
-        // All the requests go out before the first answer is awaited.
-        let pending: Vec<_> = chunks
-            .iter()
-            .map(|chunk| {
-                let connection = Arc::clone(&self.connection);
-                let request = Request::ReadChunk {
-                    folder: self.folder.clone(),
-                    path: path.to_string(),
-                    content: content.0,
-                    chunk: WireChunk::from(chunk),
-                };
-                self.handle
-                    .spawn(async move { connection.request(request).await })
-            })
-            .collect();
-        self.handle.block_on(async {
-            let mut answers = Vec::with_capacity(pending.len());
-            for task in pending {
-                let response = task
-                    .await
-                    .map_err(|e| Error::Internal(format!("a chunk request stopped: {e}")))??;
-                answers.push(match response {
-                    Response::Chunk(bytes) => bytes,
-                    Response::Refused(reason) => {
-                        return Err(Error::Peer(format!(
-                            "{} refused: {reason}",
-                            self.connection.name
-                        )));
-                    }
-                    _ => return Err(self.unexpected()),
-                });
-            }
-            Ok(answers)
-        })
     }
 }
 

@@ -430,7 +430,11 @@ impl<'a> Builder<'a> {
         if expected_offset != target.size {
             return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
         }
-        if let Some(partial) = self.claim_partial(content) {
+        // A content of one chunk has nothing to resume: it is fetched whole.
+        if let Some(partial) = (chunks.len() > 1)
+            .then(|| self.claim_partial(content))
+            .flatten()
+        {
             let assembled = self.assemble_resumable(target, content, &chunks, &partial);
             self.shared
                 .assembling
@@ -903,12 +907,17 @@ impl Merger<'_> {
                 return Ok(());
             }
             handed_out = handed_out.max(done);
-            while handed_out < actions.len()
-                && handed_out < done + ahead
-                && is_build(&actions[handed_out])
-            {
-                self.hand_out(handed_out, &actions[handed_out], builds);
-                handed_out += 1;
+            // The window is refilled when half empty: what the peer is asked
+            // for ahead goes in batches.
+            if handed_out < done + ahead.div_ceil(2) {
+                let start = handed_out;
+                while handed_out < actions.len()
+                    && handed_out < done + ahead
+                    && is_build(&actions[handed_out])
+                {
+                    handed_out += 1;
+                }
+                self.hand_out_all(start, &actions[start..handed_out], builds);
             }
             let outcome = match builds.take(done) {
                 Some((temp, built)) => self.place_built(action, &temp, built),
@@ -934,6 +943,38 @@ impl Merger<'_> {
             }
         }
         self.commit()
+    }
+
+    /// Hands out the builds of `actions` (from index `start` of the plan), after
+    /// telling the peer which single-chunk contents they will ask it for.
+    fn hand_out_all(&mut self, start: usize, actions: &[Action], builds: &mut Builds) {
+        if builds.jobs.is_none() {
+            return;
+        }
+        let wanted: Vec<(&str, Hash, ChunkInfo)> = actions
+            .iter()
+            .filter(|action| matches!(action.op, Op::Replace))
+            .filter_map(|action| {
+                let target = &action.target;
+                let hash = target.hash.filter(|_| target.kind == Kind::File)?;
+                let len = u32::try_from(target.size).ok()?;
+                (len > 0 && len as usize <= MIN_CHUNK).then_some((
+                    target.path.as_str(),
+                    hash,
+                    ChunkInfo {
+                        hash,
+                        offset: 0,
+                        len,
+                    },
+                ))
+            })
+            .collect();
+        if !wanted.is_empty() {
+            self.builder.shared.peer.prefetch(&wanted);
+        }
+        for (offset, action) in actions.iter().enumerate() {
+            self.hand_out(start + offset, action, builds);
+        }
     }
 
     /// Hands the build of `action` to the build threads (its temp file's parent

@@ -40,6 +40,11 @@ pub trait Peer: Sync {
             .map(|chunk| self.read_chunk(path, content, chunk))
             .collect()
     }
+
+    /// Chunks the merger will soon ask for with [`Peer::read_chunk`], each with
+    /// the path and content it was announced as part of. A network peer asks
+    /// for them together, and answers those calls from what comes back.
+    fn prefetch(&self, _wanted: &[(&str, Hash, ChunkInfo)]) {}
 }
 
 /// Contents whose current holders [`FolderPeer`] remembers: a file of many chunks

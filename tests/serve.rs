@@ -267,15 +267,17 @@ async fn unshared_folders_bad_frames_and_bad_paths_are_refused_and_others_still_
     // A path with `..`: the connection is closed.
     let escape = postcard::to_stdvec(&Message::Request {
         id: 3,
-        request: Request::ReadChunk {
+        request: Request::ReadChunks {
             folder: "docs".into(),
-            path: "../private/x".into(),
-            content: [0; 32],
-            chunk: protocol::WireChunk {
-                hash: [0; 32],
-                offset: 0,
-                len: 1,
-            },
+            wanted: vec![protocol::WantedChunk {
+                path: "../private/x".into(),
+                content: [0; 32],
+                chunk: protocol::WireChunk {
+                    hash: [0; 32],
+                    offset: 0,
+                    len: 1,
+                },
+            }],
         },
     })
     .unwrap();
@@ -606,18 +608,20 @@ async fn a_chunk_the_disk_no_longer_holds_is_not_served_and_the_folder_is_rescan
         a.last_synced().is_some_and(|t| t > first)
     });
 
-    let read_chunk = Request::ReadChunk {
+    let read_chunk = Request::ReadChunks {
         folder: "docs".into(),
-        path: "f.bin".into(),
-        content: *blake3::hash(&old).as_bytes(),
-        chunk: protocol::WireChunk {
-            hash: *blake3::hash(&old).as_bytes(),
-            offset: 0,
-            len: old.len() as u32,
-        },
+        wanted: vec![protocol::WantedChunk {
+            path: "f.bin".into(),
+            content: *blake3::hash(&old).as_bytes(),
+            chunk: protocol::WireChunk {
+                hash: *blake3::hash(&old).as_bytes(),
+                offset: 0,
+                len: old.len() as u32,
+            },
+        }],
     };
     let answer = ask(&mut tls, 1, read_chunk.clone()).await;
-    assert_eq!(answer, Response::Chunk(Some(old.clone())));
+    assert_eq!(answer, Response::ChunkData(vec![Some(old.clone().into())]));
 
     // Changed where the watcher cannot see it; the daemon rescans only hourly.
     let new_start = b"changed behind the watcher's back";
@@ -626,7 +630,7 @@ async fn a_chunk_the_disk_no_longer_holds_is_not_served_and_the_folder_is_rescan
     new[..new_start.len()].copy_from_slice(new_start);
     assert_eq!(fs::read(a.folder.join("f.bin")).unwrap(), new);
     let answer = ask(&mut tls, 2, read_chunk).await;
-    assert_eq!(answer, Response::Chunk(None));
+    assert_eq!(answer, Response::ChunkData(vec![None]));
 
     // The refusal made the daemon rescan: its history now has the new content.
     let start = Instant::now();

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::device::PeerId;
@@ -17,6 +17,11 @@ use crate::net::protocol::{self, Message, Request, Response, VERSION};
 
 /// How long a request waits for its response.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes buffered on each side of a connection's stream.
+const IO_BUFFER: usize = 64 << 10;
+/// Queued frames written before a flush at most: frames go out in batches, but
+/// the first of a batch does not wait long for the last.
+const FRAMES_PER_FLUSH: usize = 64;
 /// How long the peer has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -98,7 +103,11 @@ pub async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reader, writer) = tokio::io::split(stream);
+    // Buffered both ways: a frame's length and body are one read and one write,
+    // and frames queued together leave together.
+    let mut reader = BufReader::with_capacity(IO_BUFFER, reader);
+    let mut writer = BufWriter::with_capacity(IO_BUFFER, writer);
     protocol::write_frame(&mut writer, &hello).await?;
     let theirs = tokio::time::timeout(HELLO_TIMEOUT, protocol::read_frame(&mut reader))
         .await
@@ -134,12 +143,24 @@ where
 
     let peer_name = connection.name.clone();
     let sender = tokio::spawn(async move {
-        while let Some(message) = to_send.recv().await {
-            if let Err(e) = protocol::write_frame(&mut writer, &message).await {
-                tracing::warn!("{peer_name}: {e}");
+        while let Some(first) = to_send.recv().await {
+            let mut message = Some(first);
+            let mut written = 0;
+            while let Some(next) = message.take() {
+                if let Err(e) = protocol::write_frame_unflushed(&mut writer, &next).await {
+                    tracing::warn!("{peer_name}: {e}");
+                    return;
+                }
+                tracing::trace!("sent {}", describe(&next));
+                written += 1;
+                if written < FRAMES_PER_FLUSH {
+                    message = to_send.try_recv().ok();
+                }
+            }
+            if let Err(e) = writer.flush().await {
+                tracing::warn!("{peer_name}: cannot send: {e}");
                 return;
             }
-            tracing::trace!("sent {}", describe(&message));
         }
     });
     let result = tokio::select! {

@@ -12,9 +12,14 @@ use crate::error::{Error, Result};
 use crate::folder::check_relative;
 use crate::history::{Entry, Kind};
 
-pub const VERSION: u32 = 1;
+/// 2: chunks are asked for in batches.
+pub const VERSION: u32 = 2;
 /// Bytes of one frame at most: a chunk (at most 256 KiB) or a batch of entries.
 pub const MAX_FRAME: usize = 4 << 20;
+/// Chunks per [`Request::ReadChunks`] at most.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 256;
+/// Bytes of chunks per [`Request::ReadChunks`] at most: the reply fits a frame.
+pub const MAX_CHUNK_BYTES_PER_REQUEST: usize = MAX_FRAME / 2;
 /// Entries per reply to [`Request::ChangesSince`] at most.
 pub const MAX_ENTRIES: u32 = 5_000;
 
@@ -54,21 +59,30 @@ pub enum Request {
         folder: String,
         content: [u8; 32],
     },
-    ReadChunk {
+    /// Several chunks at once (many small files' worth): at most
+    /// [`MAX_CHUNKS_PER_REQUEST`], of [`MAX_CHUNK_BYTES_PER_REQUEST`] in all.
+    ReadChunks {
         folder: String,
-        /// Where the content was announced: looked at first.
-        path: String,
-        content: [u8; 32],
-        chunk: WireChunk,
+        wanted: Vec<WantedChunk>,
     },
+}
+
+/// A chunk of a content the peer announced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WantedChunk {
+    /// Where the content was announced: looked at first.
+    pub path: String,
+    pub content: [u8; 32],
+    pub chunk: WireChunk,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Changes(Vec<WireEntry>),
     Chunks(Vec<WireChunk>),
-    /// `None`: not available any more (the file changed since it was hashed).
-    Chunk(Option<Vec<u8>>),
+    /// The bytes of each chunk asked for, in order; `None`: not available any
+    /// more (the file changed since it was hashed).
+    ChunkData(Vec<Option<serde_bytes::ByteBuf>>),
     /// Not allowed or not possible, and why.
     Refused(String),
 }
@@ -178,6 +192,18 @@ fn bad(reason: String) -> Error {
 
 /// Writes one frame.
 pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, message: &Message) -> Result<()> {
+    write_frame_unflushed(out, message).await?;
+    out.flush()
+        .await
+        .map_err(|e| Error::Peer(format!("cannot send: {e}")))
+}
+
+/// Writes one frame without flushing: a sender with several frames queued
+/// flushes once, so they leave in one TLS record and one system call.
+pub async fn write_frame_unflushed<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    message: &Message,
+) -> Result<()> {
     let body = postcard::to_stdvec(message).map_err(|e| bad(format!("cannot encode: {e}")))?;
     if body.len() > MAX_FRAME {
         return Err(bad(format!("a frame of {} bytes to send", body.len())));
@@ -186,8 +212,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, message: &Message) 
     out.write_all(&(body.len() as u32).to_be_bytes())
         .await
         .map_err(io)?;
-    out.write_all(&body).await.map_err(io)?;
-    out.flush().await.map_err(io)
+    out.write_all(&body).await.map_err(io)
 }
 
 /// Reads one frame; `None` at a clean end of the stream.
@@ -213,6 +238,29 @@ pub async fn read_frame<R: AsyncRead + Unpin>(input: &mut R) -> Result<Option<Me
     Ok(Some(message))
 }
 
+/// `wanted` cut into requests within the limits of [`Request::ReadChunks`], in order.
+pub fn chunk_batches(wanted: Vec<WantedChunk>) -> Vec<Vec<WantedChunk>> {
+    let mut batches: Vec<Vec<WantedChunk>> = Vec::new();
+    let mut bytes = 0;
+    for item in wanted {
+        let len = item.chunk.len as usize;
+        match batches.last_mut() {
+            Some(batch)
+                if batch.len() < MAX_CHUNKS_PER_REQUEST
+                    && bytes + len <= MAX_CHUNK_BYTES_PER_REQUEST =>
+            {
+                bytes += len;
+                batch.push(item);
+            }
+            _ => {
+                bytes = len;
+                batches.push(vec![item]);
+            }
+        }
+    }
+    batches
+}
+
 /// The checks that do not depend on the receiver's state.
 fn check(message: &Message) -> Result<()> {
     let folder_ok = |f: &str| crate::shares::check_folder_id(f).map_err(|e| bad(e.to_string()));
@@ -228,15 +276,20 @@ fn check(message: &Message) -> Result<()> {
             Request::ChangesSince { folder, .. } | Request::ChunksOf { folder, .. } => {
                 folder_ok(folder)
             }
-            Request::ReadChunk {
-                folder,
-                path,
-                chunk,
-                ..
-            } => {
+            Request::ReadChunks { folder, wanted } => {
                 folder_ok(folder)?;
-                check_relative(path).map_err(|e| bad(e.to_string()))?;
-                chunk.checked().map(|_| ())
+                if wanted.len() > MAX_CHUNKS_PER_REQUEST {
+                    return Err(bad(format!("{} chunks in one request", wanted.len())));
+                }
+                let mut bytes = 0;
+                for WantedChunk { path, chunk, .. } in wanted {
+                    check_relative(path).map_err(|e| bad(e.to_string()))?;
+                    bytes += chunk.checked()?.len as usize;
+                }
+                if bytes > MAX_CHUNK_BYTES_PER_REQUEST {
+                    return Err(bad(format!("{bytes} bytes of chunks in one request")));
+                }
+                Ok(())
             }
         },
         Message::Response { .. } => Ok(()),
@@ -264,6 +317,18 @@ mod tests {
         }
     }
 
+    fn wanted(path: &str, len: u32) -> WantedChunk {
+        WantedChunk {
+            path: path.into(),
+            content: [0; 32],
+            chunk: WireChunk {
+                hash: [0; 32],
+                offset: 0,
+                len,
+            },
+        }
+    }
+
     async fn round_trip(message: &Message) -> Result<Option<Message>> {
         let mut wire = Vec::new();
         write_frame(&mut wire, message).await?;
@@ -284,7 +349,7 @@ mod tests {
             },
             Message::Response {
                 id: 10,
-                response: Response::Chunk(Some(vec![1, 2, 3])),
+                response: Response::ChunkData(vec![Some(vec![1, 2, 3].into()), None]),
             },
         ];
         for message in messages {
@@ -315,15 +380,9 @@ mod tests {
             assert!(entry(path).checked().is_err(), "{path:?}");
             let request = Message::Request {
                 id: 1,
-                request: Request::ReadChunk {
+                request: Request::ReadChunks {
                     folder: "f".into(),
-                    path: path.into(),
-                    content: [0; 32],
-                    chunk: WireChunk {
-                        hash: [0; 32],
-                        offset: 0,
-                        len: 1,
-                    },
+                    wanted: vec![wanted(path, 1)],
                 },
             };
             assert!(round_trip(&request).await.is_err(), "{path:?}");
@@ -334,5 +393,36 @@ mod tests {
         };
         assert!(round_trip(&bad_folder).await.is_err());
         assert!(entry("ok/path").checked().is_ok());
+    }
+
+    #[tokio::test]
+    async fn chunk_requests_stay_within_their_limits() {
+        let request = |wanted| Message::Request {
+            id: 1,
+            request: Request::ReadChunks {
+                folder: "f".into(),
+                wanted,
+            },
+        };
+        let most = vec![wanted("a", 8); MAX_CHUNKS_PER_REQUEST];
+        assert!(round_trip(&request(most.clone())).await.is_ok());
+        let too_many = vec![wanted("a", 8); MAX_CHUNKS_PER_REQUEST + 1];
+        let err = round_trip(&request(too_many)).await.unwrap_err();
+        assert!(err.to_string().contains("257 chunks"), "{err}");
+        let too_big = vec![wanted("a", (MAX_CHUNK_BYTES_PER_REQUEST / 2 + 1) as u32); 2];
+        let err = round_trip(&request(too_big)).await.unwrap_err();
+        assert!(err.to_string().contains("bytes of chunks"), "{err}");
+
+        // Batches cut by count and by bytes, in order, each within the limits.
+        let len = (MAX_CHUNK_BYTES_PER_REQUEST / 3) as u32;
+        let mut wanted_all = most;
+        wanted_all.extend((0..4).map(|i| wanted(&format!("big{i}"), len)));
+        let batches = chunk_batches(wanted_all.clone());
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [MAX_CHUNKS_PER_REQUEST, 3, 1]);
+        assert_eq!(batches.concat(), wanted_all);
+        for batch in batches {
+            assert!(round_trip(&request(batch)).await.is_ok());
+        }
     }
 }
