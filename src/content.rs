@@ -14,7 +14,7 @@ pub const AVG_CHUNK: usize = 64 * 1024;
 pub const MAX_CHUNK: usize = 256 * 1024;
 /// Read size: several maximal chunks, so every fill emits chunks; files up to this
 /// size are read in one go.
-const READ_BUFFER: usize = 2 * 1024 * 1024;
+const READ_BUFFER: usize = 512 * 1024;
 
 /// A BLAKE3 hash.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

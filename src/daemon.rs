@@ -196,8 +196,23 @@ struct Daemon {
     status: Mutex<Status>,
 }
 
+/// Threads answering peers' requests (and other blocking work) at most.
+const BLOCKING_THREADS: usize = 8;
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core), and
+/// the daemon's many short-lived threads leave each arena's freed memory resident:
+/// two arenas halve the daemon's peak RSS at no measurable cost in speed.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator setting; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Runs until Ctrl-C or SIGTERM.
 pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
+    limit_malloc_arenas();
     let identity = home.identity()?;
     let shares = Shares::open(&home.data_dir)?;
     let peers = shares.peers()?;
@@ -250,6 +265,9 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Answering peers' requests reads the disk: a few reads at once keep it
+        // busy; hundreds of threads would only cost memory.
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
         .map_err(|e| Error::io("tokio runtime", e))?;
