@@ -30,8 +30,9 @@
 //! The log goes to stderr and to daily files in `<data dir>/logs/` (the last
 //! [`LOG_FILES_KEPT`] kept; `latus.log` links to the current one).
 //!
-//! Not yet here: targeted rescans of the paths the watcher names (each wake scans the whole
-//! folder, unchanged files by stat only).
+//! A round scans only the paths the watcher named since the last one (and what
+//! is under them); a folder is scanned whole in its first round, at each
+//! periodic rescan (jittered), and when the watcher lost track.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -155,7 +156,23 @@ struct Wake {
     now: bool,
     /// The watcher's first and last events in a synced folder since the last sync.
     events: Option<(Instant, Instant)>,
+    /// What changed in each folder (by path) since the last round.
+    changed: HashMap<PathBuf, Changed>,
 }
+
+/// What changed in one folder since its last round: what its next scan looks at.
+#[derive(Debug, Clone, PartialEq)]
+enum Changed {
+    /// These paths, and what is under them.
+    Paths(BTreeSet<String>),
+    /// Anything: the watcher lost track (its queue overflowed), or named too
+    /// many paths to be worth scanning one by one.
+    Whole,
+}
+
+/// Paths remembered per folder between rounds at most; beyond, the folder is
+/// scanned whole.
+const MAX_CHANGED_PATHS: usize = 10_000;
 
 /// Changes that never pause (a file appended to all the time) are synced
 /// at least this many `watch_delay`s after the first of them.
@@ -383,19 +400,50 @@ impl Daemon {
         condvar.notify_all();
     }
 
-    fn file_changed(&self) {
+    /// Something changed at `paths` (absolute): they are scanned once changes
+    /// are quiet. With `lost_track` (the watcher's queue overflowed), anything
+    /// may have changed: every folder is scanned whole.
+    fn files_changed(&self, paths: &[PathBuf], lost_track: bool) {
+        let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
         let (wake, condvar) = &self.wake;
         let now = Instant::now();
         let mut state = wake.lock().unwrap_or_else(|p| p.into_inner());
+        if lost_track {
+            for root in watched.iter() {
+                state.changed.insert(root.clone(), Changed::Whole);
+            }
+        }
+        for path in paths {
+            // The innermost folder holding the path.
+            let Some(root) = watched
+                .iter()
+                .filter(|root| path.starts_with(root))
+                .max_by_key(|root| root.as_os_str().len())
+            else {
+                continue;
+            };
+            let changed = state
+                .changed
+                .entry(root.clone())
+                .or_insert_with(|| Changed::Paths(BTreeSet::new()));
+            match (scan::relative(root, path), &mut *changed) {
+                (Some(rel), Changed::Paths(paths))
+                    if !rel.is_empty() && paths.len() < MAX_CHANGED_PATHS =>
+                {
+                    paths.insert(rel);
+                }
+                _ => *changed = Changed::Whole,
+            }
+        }
         state.events = Some((state.events.map_or(now, |(first, _)| first), now));
         drop(state);
         condvar.notify_all();
     }
 
     /// Waits for a reason to sync: a peer's news, changes on disk quiet for
-    /// `watch_delay`, the next full rescan, or the stop.
-    fn wait(&self, options: &ServeOptions) {
-        let rescan_at = Instant::now() + options.rescan_interval;
+    /// `watch_delay`, the next full rescan (at `rescan_at`), or the stop.
+    /// Returns what the watcher saw meanwhile.
+    fn wait(&self, options: &ServeOptions, rescan_at: Instant) -> Wake {
         let (wake, condvar) = &self.wake;
         let mut state = wake.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -419,7 +467,7 @@ impl Daemon {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        *state = Wake::default();
+        std::mem::take(&mut *state)
     }
 
     /// The hello for `peer`: the folders shared with it, with this side's replica ids.
@@ -589,19 +637,24 @@ impl Daemon {
         let Some(watcher) = watcher.as_mut() else {
             return;
         };
-        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        for folder in self
-            .folders
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            if watched.contains(&folder.path) {
-                continue;
-            }
+        // Not locked while watching: the watcher's thread, which adds the
+        // watches, may be waiting for that lock in the event handler.
+        let unwatched: Vec<SharedFolder> = {
+            let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+            let folders = self.folders.read().unwrap_or_else(|p| p.into_inner());
+            folders
+                .iter()
+                .filter(|folder| !watched.contains(&folder.path))
+                .cloned()
+                .collect()
+        };
+        for folder in unwatched {
             match watcher.watch(&folder.path, notify::RecursiveMode::Recursive) {
                 Ok(()) => {
-                    watched.insert(folder.path.clone());
+                    self.watched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(folder.path.clone());
                 }
                 Err(e) => tracing::warn!(
                     "folder {}: not watched ({e}); changes are found by rescans",
@@ -722,7 +775,7 @@ impl RequestHandler for Daemon {
                                 "folder {}: {path:?} no longer holds a chunk a peer asked for; rescanning",
                                 folder.id
                             );
-                            self.file_changed();
+                            self.files_changed(&[folder.path.join(&path)], false);
                         }
                         answers.push(bytes.map(ByteBuf::from));
                     }
@@ -888,16 +941,17 @@ fn watch(daemon: &Arc<Daemon>) {
             return;
         }
         // Latus's own bookkeeping is not a change to sync.
-        let ours = event.paths.iter().all(|p| {
+        let ours = |p: &PathBuf| {
             p.components()
                 .any(|c| c.as_os_str() == crate::folder::MARKER_DIR)
                 || p.file_name().is_some_and(|n| {
                     n.as_encoded_bytes()
                         .starts_with(crate::folder::TEMP_PREFIX.as_bytes())
                 })
-        });
-        if !ours {
-            daemon.file_changed();
+        };
+        let changed: Vec<PathBuf> = event.paths.iter().filter(|p| !ours(p)).cloned().collect();
+        if !changed.is_empty() || event.need_rescan() {
+            daemon.files_changed(&changed, event.need_rescan());
         }
     });
     let mut watcher = match watcher {
@@ -919,6 +973,10 @@ fn watch(daemon: &Arc<Daemon>) {
 
 /// Syncs every folder, again and again, until the daemon stops.
 fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
+    let mut next_full_scan = Instant::now();
+    // The folders scanned whole since the daemon started (or their last error).
+    let mut scanned_whole = HashSet::new();
+    let mut woke = Wake::default();
     while !daemon.stop.load(Ordering::Relaxed) {
         match Shares::open(&daemon.data_dir).and_then(|s| Ok((s.folders()?, s.peers()?))) {
             Ok((folders, peers)) => daemon.apply_shares(handle, folders, peers),
@@ -949,13 +1007,38 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                 })
                 .collect();
         });
+        let full_scan = Instant::now() >= next_full_scan;
+        if full_scan {
+            next_full_scan = Instant::now() + jittered(options.rescan_interval);
+        }
         for folder in folders {
             if daemon.stop.load(Ordering::Relaxed) {
                 return;
             }
-            let result = sync_folder(daemon, handle, &folder, options);
-            if let Err(e) = &result {
-                tracing::warn!("folder {}: {e}", folder.id);
+            // A folder is scanned whole in its first round, at each periodic
+            // rescan, and whenever the watcher cannot say what changed in it.
+            let watched = daemon
+                .watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&folder.path);
+            let changed = woke.changed.remove(&folder.path);
+            let rescan = if full_scan || !watched || !scanned_whole.contains(&folder.id) {
+                Changed::Whole
+            } else {
+                changed.unwrap_or(Changed::Paths(BTreeSet::new()))
+            };
+            let result = sync_folder(daemon, handle, &folder, options, &rescan);
+            match (&result, rescan) {
+                (Err(e), _) => {
+                    tracing::warn!("folder {}: {e}", folder.id);
+                    // What the failed round was to scan is scanned whole next time.
+                    scanned_whole.remove(&folder.id);
+                }
+                (Ok(()), Changed::Whole) => {
+                    scanned_whole.insert(folder.id.clone());
+                }
+                (Ok(()), Changed::Paths(_)) => {}
             }
             daemon.folder_status(&folder.id, |status| {
                 status.state = "idle".into();
@@ -965,8 +1048,17 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                 }
             });
         }
-        daemon.wait(options);
+        woke = daemon.wait(options, next_full_scan);
     }
+}
+
+/// `interval` give or take a tenth, so that devices started together do not
+/// all rescan at once.
+fn jittered(interval: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    interval.mul_f64(0.9 + 0.2 * f64::from(nanos) / 1e9)
 }
 
 /// Files built at once from a peer: each build mostly waits for the network, so
@@ -979,6 +1071,7 @@ fn sync_folder(
     handle: &Handle,
     shared: &SharedFolder,
     options: &ServeOptions,
+    rescan: &Changed,
 ) -> Result<()> {
     let folder = Folder::open_or_create(&shared.path)?;
     let _lock = folder.lock()?;
@@ -1000,9 +1093,21 @@ fn sync_folder(
     };
     let scan_options = ScanOptions {
         observer: (before == 0).then(|| Arc::new(announce) as Arc<dyn scan::ScanObserver>),
+        only: match rescan {
+            Changed::Whole => None,
+            Changed::Paths(paths) => Some(paths.iter().cloned().collect()),
+        },
         ..ScanOptions::default()
     };
-    scan::scan(&folder, &mut store, replica, &scan_options)?;
+    // Woken by a peer with nothing changed here: no scan. The merger still
+    // checks each path on disk right before it replaces it.
+    if scan_options
+        .only
+        .as_ref()
+        .is_none_or(|paths| !paths.is_empty())
+    {
+        scan::scan(&folder, &mut store, replica, &scan_options)?;
+    }
     let connections = daemon.connections_for(shared);
     for connection in &connections {
         let Some(replica) = connection.folders.get(&shared.id).copied() else {

@@ -5,7 +5,7 @@
 //! writer owns the database (single-writer rule) and commits at most `batch_size`
 //! entries per transaction, so readers see a long first scan progress.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -55,6 +55,9 @@ pub struct ScanOptions {
     /// Records per transaction.
     pub batch_size: usize,
     pub observer: Option<Arc<dyn ScanObserver>>,
+    /// Scan only these paths and what is under them (those a watcher named);
+    /// `None`: the whole folder.
+    pub only: Option<Vec<String>>,
 }
 
 impl Default for ScanOptions {
@@ -67,7 +70,42 @@ impl Default for ScanOptions {
             hash_threads: std::thread::available_parallelism().map_or(8, |n| (n.get() * 2).max(8)),
             batch_size: 1000,
             observer: None,
+            only: None,
         }
+    }
+}
+
+/// The part of a folder a targeted scan looks at: some paths and what is under them.
+struct PathScope {
+    targets: HashSet<String>,
+    /// Every directory above a target: walked through, not scanned.
+    ancestors: HashSet<String>,
+}
+
+impl PathScope {
+    fn new(paths: &[String]) -> Self {
+        let targets: HashSet<String> = paths.iter().cloned().collect();
+        let ancestors = targets
+            .iter()
+            .flat_map(|path| {
+                path.match_indices('/')
+                    .map(|(end, _)| path[..end].to_string())
+            })
+            .collect();
+        PathScope { targets, ancestors }
+    }
+
+    /// Whether `rel` is a target or under one.
+    fn contains(&self, rel: &str) -> bool {
+        self.targets.contains(rel)
+            || rel
+                .match_indices('/')
+                .any(|(end, _)| self.targets.contains(&rel[..end]))
+    }
+
+    /// Whether the walk goes through or into `rel`.
+    fn walks(&self, rel: &str) -> bool {
+        self.ancestors.contains(rel) || self.contains(rel)
     }
 }
 
@@ -233,8 +271,16 @@ pub fn scan(
     let (job_tx, job_rx) = bounded::<HashJob>(threads * 64);
     let (change_tx, change_rx) = bounded::<(Change, Record)>(batch_size);
     let history_path = store.path().to_path_buf();
+    let path_scope = options.only.as_deref().map(|p| Arc::new(PathScope::new(p)));
     let written = std::thread::scope(|scope| {
-        let known = scope.spawn(move || load_current(&history_path));
+        let in_scope = path_scope.clone();
+        let known = scope.spawn(move || {
+            let mut current = load_current(&history_path)?;
+            if let Some(path_scope) = in_scope {
+                current.retain(|path, _| path_scope.contains(path));
+            }
+            Ok(current)
+        });
         let writer = scope.spawn(|| write_changes(store, change_rx, batch_size, &shared));
         for _ in 0..threads {
             let (jobs, changes) = (job_rx.clone(), change_tx.clone());
@@ -242,7 +288,15 @@ pub fn scan(
             scope.spawn(move || hash_worker(jobs, changes, shared));
         }
         drop(job_rx);
-        let walked = walk(&shared, known, threads, &job_tx, &change_tx, &mut summary);
+        let walked = walk(
+            &shared,
+            path_scope.clone(),
+            known,
+            threads,
+            &job_tx,
+            &change_tx,
+            &mut summary,
+        );
         drop(job_tx);
         if let Ok(unseen) = &walked {
             record_deletions(&shared, unseen, &change_tx);
@@ -311,11 +365,16 @@ pub(crate) fn folder_walker(
     root: &Path,
     on_bad_name: impl Fn(&str) + Send + Sync + 'static,
 ) -> ignore::Walk {
-    folder_walk(root, on_bad_name).build()
+    folder_walk(root, None, on_bad_name).build()
 }
 
-/// The walk [`folder_walker`] runs, to build in turn or in parallel.
-fn folder_walk(root: &Path, on_bad_name: impl Fn(&str) + Send + Sync + 'static) -> WalkBuilder {
+/// The walk [`folder_walker`] runs, to build in turn or in parallel; with a
+/// `path_scope`, only through the directories that lead to its paths.
+fn folder_walk(
+    root: &Path,
+    path_scope: Option<Arc<PathScope>>,
+    on_bad_name: impl Fn(&str) + Send + Sync + 'static,
+) -> WalkBuilder {
     let shown_root = root.to_path_buf();
     let mut walk = WalkBuilder::new(root);
     walk.standard_filters(false)
@@ -333,6 +392,12 @@ fn folder_walk(root: &Path, on_bad_name: impl Fn(&str) + Send + Sync + 'static) 
             {
                 // Every walk runs under the folder lock: no merge is building it.
                 let _ = fs::remove_file(entry.path());
+                return false;
+            }
+            if let Some(path_scope) = &path_scope
+                && entry.depth() > 0
+                && !relative(&shown_root, entry.path()).is_some_and(|rel| path_scope.walks(&rel))
+            {
                 return false;
             }
             if entry.depth() > 0 && entry.file_name().to_str().is_none() {
@@ -370,6 +435,7 @@ enum Found {
 /// overlap.
 fn walk(
     shared: &Shared<'_>,
+    path_scope: Option<Arc<PathScope>>,
     known: ScopedJoinHandle<'_, Result<HashMap<String, Entry>>>,
     walk_threads: usize,
     jobs: &Sender<HashJob>,
@@ -377,7 +443,7 @@ fn walk(
     summary: &mut ScanSummary,
 ) -> Result<HashMap<String, Entry>> {
     let warnings = Arc::clone(&shared.warnings);
-    let mut walker = folder_walk(shared.root, move |shown| {
+    let mut walker = folder_walk(shared.root, path_scope.clone(), move |shown| {
         warnings.add(
             shown,
             "name is not valid UTF-8; not recorded (rename it to sync it)",
@@ -418,6 +484,13 @@ fn walk(
                     continue;
                 }
             };
+            // The directories above the paths scanned are only walked through.
+            if path_scope
+                .as_ref()
+                .is_some_and(|p| !p.contains(&walked.rel))
+            {
+                continue;
+            }
             if let Some(observer) = &shared.observer {
                 observer.entry_walked();
             }

@@ -168,6 +168,52 @@ fn rescans_record_exactly_the_changes() {
 }
 
 #[test]
+fn a_targeted_scan_records_the_changes_at_its_paths_and_nothing_else() {
+    let mut fx = Fixture::new();
+    for rel in ["a/x", "a/gone", "a/deep/y", "b/y", "b/z", "top"] {
+        write(fx.root(), rel, rel.as_bytes());
+    }
+    backdate(fx.root());
+    fx.scan();
+    let only = |paths: &[&str]| ScanOptions {
+        only: Some(paths.iter().map(|p| p.to_string()).collect()),
+        ..ScanOptions::default()
+    };
+
+    write(fx.root(), "a/x", b"edited");
+    fs::remove_file(fx.root().join("a/gone")).unwrap();
+    write(fx.root(), "a/deep/new", b"new");
+    write(fx.root(), "b/y", b"edited outside the scan");
+    write(fx.root(), "top", b"edited outside the scan too");
+    let s = fx.scan_with(only(&["a"]));
+    assert_eq!((s.new, s.changed, s.deleted), (1, 1, 1), "{s:?}");
+    // Only what is under a/ was looked at: b/ and top were not even walked.
+    assert_eq!(
+        s.files + s.dirs,
+        5,
+        "a, a/x, a/deep, a/deep/y, a/deep/new: {s:?}"
+    );
+    let now = current(&fx.store);
+    assert_eq!(now["b/y"].size, 3, "b/y is still recorded as it was");
+    assert!(now.contains_key("a/deep/new") && !now.contains_key("a/gone"));
+
+    // A file, and a directory that no longer exists: its entries are deleted.
+    fs::remove_dir_all(fx.root().join("a/deep")).unwrap();
+    let s = fx.scan_with(only(&["b/y", "a/deep"]));
+    assert_eq!((s.new, s.changed, s.deleted), (0, 1, 3), "{s:?}");
+    // Nothing named: nothing looked at.
+    let s = fx.scan_with(only(&[]));
+    assert_eq!(
+        (s.files, s.dirs, s.new, s.changed, s.deleted),
+        (0, 0, 0, 0, 0)
+    );
+    // The whole folder again: only top was left to record.
+    let s = fx.scan();
+    assert_eq!((s.new, s.changed, s.deleted), (0, 1, 0), "{s:?}");
+    fx.assert_history_matches_disk();
+}
+
+#[test]
 fn unchanged_files_are_not_read_again() {
     let mut fx = Fixture::new();
     for i in 0..50 {

@@ -102,6 +102,39 @@ fn pair() -> (Device, Device) {
     (a, b)
 }
 
+/// A round scans only the paths the watcher named; a change it cannot see (written
+/// through a memory map) is found by the periodic full rescan.
+#[test]
+fn rounds_scan_what_the_watcher_named_and_full_rescans_find_the_rest() {
+    let (mut a, mut b) = (Device::new(), Device::new());
+    a.trust(&b, None);
+    let hidden = bytes(4000, 3);
+    write(&a.folder, "hidden.bin", &hidden);
+    a.serve_args(&["--rescan-interval", "10"]);
+    let a_started = Instant::now();
+    let addr = a.start();
+    b.trust(&a, Some(&addr));
+    b.start();
+    wait_for("the first sync", || {
+        fs::read(b.folder.join("hidden.bin")).is_ok_and(|c| c == hidden)
+    });
+
+    write_through_mmap(&a.folder.join("hidden.bin"), b"unseen");
+    write(&a.folder, "seen.txt", b"seen");
+    wait_for("the watched change", || b.folder.join("seen.txt").exists());
+    // The next full rescan is 9 to 11 s after the first round.
+    if a_started.elapsed() < Duration::from_secs(8) {
+        assert_eq!(
+            a.recorded("hidden.bin"),
+            Some(latus::content::Hash::of(&hidden)),
+            "the round after the watched change scanned more than seen.txt"
+        );
+    }
+    wait_for("the periodic full rescan", || {
+        fs::read(b.folder.join("hidden.bin")).is_ok_and(|c| c.starts_with(b"unseen"))
+    });
+}
+
 /// `latus folder` and `latus peer` while the daemons run: a folder shared then
 /// syncs at once (its connection says hello again), a peer removed is cut off.
 #[test]

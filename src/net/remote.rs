@@ -394,3 +394,149 @@ impl Peer for RemoteFolder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::net::conn::{self, RequestHandler};
+    use crate::net::protocol::{Message, VERSION};
+
+    /// A peer that answers chunk requests: with the bytes it holds that have the
+    /// chunk's hash, or, if it lies, with other bytes.
+    struct ChunkServer {
+        holds: Vec<Vec<u8>>,
+        lies: bool,
+        requests: AtomicUsize,
+        chunks: AtomicUsize,
+    }
+
+    impl ChunkServer {
+        fn new(holds: &[&[u8]], lies: bool) -> Arc<Self> {
+            Arc::new(ChunkServer {
+                holds: holds.iter().map(|bytes| bytes.to_vec()).collect(),
+                lies,
+                requests: AtomicUsize::new(0),
+                chunks: AtomicUsize::new(0),
+            })
+        }
+
+        /// (requests, chunks) asked of it so far.
+        fn asked(&self) -> (usize, usize) {
+            (
+                self.requests.load(Ordering::SeqCst),
+                self.chunks.load(Ordering::SeqCst),
+            )
+        }
+    }
+
+    impl RequestHandler for ChunkServer {
+        fn answer(&self, _peer: &PeerId, request: Request) -> Response {
+            let Request::ReadChunks { wanted, .. } = request else {
+                return Response::Refused("only chunks here".into());
+            };
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            self.chunks.fetch_add(wanted.len(), Ordering::SeqCst);
+            let answer = |w: &WantedChunk| match self.lies {
+                true => Some(b"not what was asked for".to_vec()),
+                false => self
+                    .holds
+                    .iter()
+                    .find(|bytes| Hash::of(bytes).0 == w.chunk.hash)
+                    .cloned(),
+            };
+            Response::ChunkData(
+                wanted
+                    .iter()
+                    .map(|w| answer(w).map(ByteBuf::from))
+                    .collect(),
+            )
+        }
+
+        fn changed(&self, _peer: &PeerId, _folder: &str, _seq: u64) {}
+    }
+
+    /// A connection to `server` (whose id is `peer`) over an in-memory pipe.
+    fn connect(
+        runtime: &tokio::runtime::Runtime,
+        peer: PeerId,
+        server: Arc<ChunkServer>,
+    ) -> Arc<Connection> {
+        let hello = |name: &str| Message::Hello {
+            version: VERSION,
+            name: name.into(),
+            folders: vec![("docs".into(), [9; 32])],
+        };
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (up, connected) = std::sync::mpsc::channel();
+        runtime.spawn(conn::run(
+            theirs,
+            PeerId([0; 32]),
+            hello("them"),
+            server,
+            |_| {},
+        ));
+        let silent = ChunkServer::new(&[], false);
+        runtime.spawn(conn::run(ours, peer, hello("us"), silent, move |c| {
+            let _ = up.send(c);
+        }));
+        connected.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    fn chunk_of(bytes: &[u8]) -> ChunkInfo {
+        ChunkInfo {
+            hash: Hash::of(bytes),
+            offset: 0,
+            len: bytes.len() as u32,
+        }
+    }
+
+    #[test]
+    fn a_wrong_chunk_is_refused_remembered_and_fetched_from_another_peer() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a, b, c): (&[u8], &[u8], &[u8]) = (b"first content", b"second", b"third one");
+        let liar = ChunkServer::new(&[a, b, c], true);
+        let honest = ChunkServer::new(&[a, b, c], false);
+        let (liar_id, honest_id) = (PeerId([1; 32]), PeerId([2; 32]));
+        let wrong = WrongChunks::default();
+        let remote = RemoteFolder::new(
+            connect(&runtime, liar_id, Arc::clone(&liar)),
+            vec![connect(&runtime, honest_id, Arc::clone(&honest))],
+            "docs".into(),
+            PeerId([9; 32]),
+            runtime.handle().clone(),
+            wrong.clone(),
+        );
+        let read = |bytes: &[u8]| {
+            let chunk = chunk_of(bytes);
+            remote.read_chunk("f.txt", &chunk.hash, &chunk).unwrap()
+        };
+
+        // The merged peer sends wrong bytes: they are refused, remembered, and the
+        // other peer asked.
+        assert_eq!(read(a), Some(a.to_vec()));
+        assert!(wrong.contains(&liar_id, &Hash::of(a)));
+        assert!(!wrong.contains(&honest_id, &Hash::of(a)));
+        assert_eq!((liar.asked(), honest.asked()), ((1, 1), (1, 1)));
+
+        // Asked for ahead, in one request; the liar is asked only for what it has
+        // not sent wrong yet, and the builds are answered from what came back.
+        let soon: Vec<(&str, Hash, ChunkInfo)> = [a, b, c]
+            .iter()
+            .map(|bytes| ("f.txt", Hash::of(bytes), chunk_of(bytes)))
+            .collect();
+        remote.prefetch(&soon);
+        for bytes in [a, b, c] {
+            assert_eq!(read(bytes), Some(bytes.to_vec()));
+        }
+        assert_eq!((liar.asked(), honest.asked()), ((2, 3), (2, 4)));
+
+        // A chunk no peer has is "not available", not an error.
+        assert_eq!(read(b"nobody has this"), None);
+    }
+}

@@ -17,6 +17,8 @@ pub struct Device {
     pub daemon: Option<Child>,
     /// Set for the daemon (e.g. `SSL_CERT_FILE`).
     env: Vec<(OsString, OsString)>,
+    /// Added to `latus serve`'s arguments.
+    serve_args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -30,11 +32,17 @@ impl Device {
             folder,
             daemon: None,
             env: Vec::new(),
+            serve_args: Vec::new(),
             _dir: dir,
         };
         device.ok(&["init"]);
         device.ok(&["folder", "add", "docs", device.folder.to_str().unwrap()]);
         device
+    }
+
+    /// Adds arguments to the daemon's `latus serve`.
+    pub fn serve_args(&mut self, args: &[&str]) {
+        self.serve_args.extend(args.iter().map(|a| a.to_string()));
     }
 
     /// Sets an environment variable for the daemon.
@@ -100,6 +108,7 @@ impl Device {
                 "--watch-delay",
                 "0.2",
             ])
+            .args(&self.serve_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
