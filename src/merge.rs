@@ -581,7 +581,8 @@ impl<'a> Builder<'a> {
 
     /// Assembles the target in `partial`, keeping the chunks an earlier build
     /// left there (each checked against its hash); `None` when the peer no longer
-    /// has some chunk (the partial file stays for the next try).
+    /// has some chunk (the partial file stays for the next try). The whole
+    /// content is hashed as it is assembled, in order, not read back.
     fn assemble_resumable(
         &mut self,
         target: &Entry,
@@ -599,12 +600,11 @@ impl<'a> Builder<'a> {
             .map_err(|e| Error::io(partial, e))?;
         let mut built = Built::default();
         let mut buffer = Vec::new();
-        let write = |bytes: &[u8], chunk: &ChunkInfo| {
-            output
-                .write_all_at(bytes, chunk.offset)
-                .map_err(|e| Error::io(partial, e))
-        };
+        let mut whole = blake3::Hasher::new();
         for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
+            // Each chunk's bytes once placed: `None` for those already in the
+            // partial file (read again for the whole hash, from the page cache).
+            let mut placed: Vec<Option<Vec<u8>>> = Vec::with_capacity(window.len());
             let mut missing = Vec::new();
             for chunk in window {
                 buffer.resize(chunk.len as usize, 0);
@@ -612,53 +612,74 @@ impl<'a> Builder<'a> {
                     && Hash::of(&buffer) == chunk.hash
                 {
                     built.bytes_resumed += u64::from(chunk.len);
+                    placed.push(None);
                 } else if let Some(bytes) = self.local_chunk(chunk)? {
                     built.bytes_local += bytes.len() as u64;
-                    write(&bytes, chunk)?;
+                    placed.push(Some(bytes));
                 } else {
-                    missing.push(*chunk);
+                    missing.push((placed.len(), *chunk));
+                    placed.push(None);
                 }
             }
-            if missing.is_empty() {
-                continue;
-            }
-            let fetched = self
-                .shared
-                .peer
-                .read_chunks(&target.path, &content, &missing)?;
-            if fetched.len() != missing.len() {
-                return Err(Error::Peer(format!(
-                    "{}: the peer answered {} of {} chunks",
-                    target.path,
-                    fetched.len(),
-                    missing.len()
-                )));
-            }
-            let mut complete = true;
-            for (chunk, bytes) in missing.iter().zip(fetched) {
-                match bytes {
-                    Some(bytes) if Hash::of(&bytes) == chunk.hash => {
-                        built.bytes_fetched += bytes.len() as u64;
-                        write(&bytes, chunk)?;
+            if !missing.is_empty() {
+                let wanted: Vec<ChunkInfo> = missing.iter().map(|(_, chunk)| *chunk).collect();
+                let fetched = self
+                    .shared
+                    .peer
+                    .read_chunks(&target.path, &content, &wanted)?;
+                if fetched.len() != missing.len() {
+                    return Err(Error::Peer(format!(
+                        "{}: the peer answered {} of {} chunks",
+                        target.path,
+                        fetched.len(),
+                        missing.len()
+                    )));
+                }
+                let mut complete = true;
+                for ((index, _), bytes) in missing.iter().zip(fetched) {
+                    match bytes {
+                        Some(bytes) => {
+                            built.bytes_fetched += bytes.len() as u64;
+                            placed[*index] = Some(bytes);
+                        }
+                        None => complete = false,
                     }
-                    Some(_) => {
-                        return Err(Error::Peer(format!(
-                            "{}: the peer sent a chunk that does not match its hash",
-                            target.path
-                        )));
-                    }
+                }
+                if !complete {
                     // What did arrive stays in the partial file for the next try.
-                    None => complete = false,
+                    for (chunk, bytes) in window.iter().zip(&placed) {
+                        if let Some(bytes) = bytes {
+                            output
+                                .write_all_at(bytes, chunk.offset)
+                                .map_err(|e| Error::io(partial, e))?;
+                        }
+                    }
+                    return Ok(None);
                 }
             }
-            if !complete {
-                return Ok(None);
+            for (chunk, bytes) in window.iter().zip(placed) {
+                match bytes {
+                    Some(bytes) => {
+                        whole.update(&bytes);
+                        output
+                            .write_all_at(&bytes, chunk.offset)
+                            .map_err(|e| Error::io(partial, e))?;
+                    }
+                    None => {
+                        buffer.resize(chunk.len as usize, 0);
+                        output
+                            .read_exact_at(&mut buffer, chunk.offset)
+                            .map_err(|e| Error::io(partial, e))?;
+                        whole.update(&buffer);
+                    }
+                }
             }
         }
         output
             .set_len(target.size)
             .map_err(|e| Error::io(partial, e))?;
-        if hash_file(&output, partial)? != content {
+        // A chunk list or bytes that do not make the content: nothing of it is kept.
+        if Hash(*whole.finalize().as_bytes()) != content {
             let _ = fs::remove_file(partial);
             return Err(Error::Peer(format!(
                 "{}: the assembled file does not match its hash",

@@ -506,6 +506,18 @@ fn a_daemon_killed_mid_transfer_resumes_and_does_not_fetch_everything_again() {
     eprintln!("after the restart: {line}");
 }
 
+/// The changes the daemon's rounds applied so far, from its log.
+fn changes_logged(device: &Device) -> u64 {
+    device
+        .log()
+        .lines()
+        .filter_map(|line| {
+            let (_, round) = line.split_once("folder docs: ")?;
+            round.split_once(" changes from")?.0.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 #[test]
 fn a_renamed_directory_of_thousands_of_files_sends_no_content() {
     let (a, b) = pair();
@@ -517,6 +529,10 @@ fn a_renamed_directory_of_thousands_of_files_sends_no_content() {
         );
     }
     wait_same(&a, &b);
+    // The last round's line is logged after its last file is placed.
+    wait_for("B to log the whole first sync", || {
+        changes_logged(&b) >= 2001
+    });
     let logged_before = b.log().len();
     fs::rename(a.folder.join("album"), a.folder.join("album-renamed")).unwrap();
     wait_same(&a, &b);
