@@ -161,7 +161,7 @@ struct Wake {
 }
 
 /// What changed in one folder since its last round: what its next scan looks at.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 enum Changed {
     /// These paths, and what is under them.
     Paths(BTreeSet<String>),
