@@ -629,6 +629,14 @@ fn print_status(home: &Home, json: bool) -> Result<()> {
             folder.path.display(),
             folder.state
         );
+        if folder.files_left > 0 {
+            line.push_str(&format!(
+                ", {} change{} / {} left",
+                folder.files_left,
+                if folder.files_left == 1 { "" } else { "s" },
+                indicatif::HumanBytes(folder.bytes_left)
+            ));
+        }
         if folder.conflicts > 0 {
             line.push_str(&format!(", {} conflict copies made", folder.conflicts));
         }

@@ -118,6 +118,12 @@ pub struct FolderStatus {
     pub path: PathBuf,
     /// "scanning", "syncing" or "idle".
     pub state: String,
+    /// While syncing: the changes of the round not yet applied, and the bytes
+    /// of the files among them still to build.
+    #[serde(default)]
+    pub files_left: u64,
+    #[serde(default)]
+    pub bytes_left: u64,
     /// Unix time (seconds) of the last round that finished.
     pub last_synced: Option<u64>,
     /// Conflict copies made since the daemon started.
@@ -1042,6 +1048,7 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
             }
             daemon.folder_status(&folder.id, |status| {
                 status.state = "idle".into();
+                (status.files_left, status.bytes_left) = (0, 0);
                 status.last_error = result.as_ref().err().map(ToString::to_string);
                 if result.is_ok() {
                     status.last_synced = Some(unix_seconds());
@@ -1067,7 +1074,7 @@ const NETWORK_BUILD_THREADS: usize = 8;
 
 /// One round for one folder: scan, then take what each connected peer changed.
 fn sync_folder(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     handle: &Handle,
     shared: &SharedFolder,
     options: &ServeOptions,
@@ -1134,10 +1141,11 @@ fn sync_folder(
         if !options.sync.allow_mass_delete {
             local_sync::check_mass_delete(&folder, &store, &plan, &options.sync)?;
         }
-        daemon.folder_status(&shared.id, |status| status.state = "syncing".into());
+        let progress = Arc::new(SyncProgress::start(daemon, &shared.id, &plan));
         let over_network = MergeOptions {
             resumable: true,
             build_threads: NETWORK_BUILD_THREADS,
+            observer: Some(Arc::clone(&progress) as Arc<dyn merge::MergeObserver>),
             ..MergeOptions::default()
         };
         let merged = merge::apply(&folder, &mut store, &remote, plan, &over_network)?;
@@ -1174,6 +1182,48 @@ fn sync_folder(
         }
     }
     Ok(())
+}
+
+/// How often a merge's progress is written to the status file at most.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What is left of a round's merge, shown by `latus status`.
+struct SyncProgress {
+    daemon: Arc<Daemon>,
+    folder: String,
+    /// Files and bytes left, and when they were last written out.
+    left: Mutex<(u64, u64, Instant)>,
+}
+
+impl SyncProgress {
+    fn start(daemon: &Arc<Daemon>, folder: &str, plan: &diff::Plan) -> Self {
+        let files = plan.actions.len() as u64;
+        let bytes = plan.actions.iter().map(merge::bytes_to_build).sum();
+        daemon.folder_status(folder, |status| {
+            status.state = "syncing".into();
+            (status.files_left, status.bytes_left) = (files, bytes);
+        });
+        SyncProgress {
+            daemon: Arc::clone(daemon),
+            folder: folder.to_string(),
+            left: Mutex::new((files, bytes, Instant::now())),
+        }
+    }
+}
+
+impl merge::MergeObserver for SyncProgress {
+    fn action_done(&self, bytes: u64) {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        left.0 = left.0.saturating_sub(1);
+        left.1 = left.1.saturating_sub(bytes);
+        if left.2.elapsed() >= PROGRESS_INTERVAL {
+            left.2 = Instant::now();
+            let (files, bytes) = (left.0, left.1);
+            self.daemon.folder_status(&self.folder, |status| {
+                (status.files_left, status.bytes_left) = (files, bytes);
+            });
+        }
+    }
 }
 
 /// Publishes each batch a first scan commits, and tells the peers.

@@ -17,6 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -50,6 +51,25 @@ pub struct MergeOptions {
     /// killed process): the next build of that content takes the chunks already
     /// there, each checked against its hash, and asks the peer for the rest only.
     pub resumable: bool,
+    /// Told of each action done, for progress.
+    pub observer: Option<Arc<dyn MergeObserver>>,
+}
+
+/// Hooks into a running merge, called from its placing thread.
+pub trait MergeObserver: Send + Sync {
+    /// One more action of the plan is done (applied, or left for the next
+    /// round); `bytes` is the size of the file it built, if any.
+    fn action_done(&self, bytes: u64);
+}
+
+/// The bytes of new content an action builds: what is left to transfer until
+/// it is done.
+pub fn bytes_to_build(action: &Action) -> u64 {
+    if is_build(action) {
+        action.target.size
+    } else {
+        0
+    }
 }
 
 impl Default for MergeOptions {
@@ -59,6 +79,7 @@ impl Default for MergeOptions {
             build_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             interrupt_after: None,
             resumable: false,
+            observer: None,
         }
     }
 }
@@ -958,6 +979,9 @@ impl Merger<'_> {
                         .push(format!("{}: {e}", action.describe()));
                     self.report.deferred.push(action.path().to_string());
                 }
+            }
+            if let Some(observer) = &options.observer {
+                observer.action_done(bytes_to_build(action));
             }
             if self.records.len() >= options.batch_size {
                 self.commit()?;

@@ -465,6 +465,16 @@ fn a_daemon_killed_mid_transfer_resumes_and_does_not_fetch_everything_again() {
         assert!(start.elapsed() < 4 * WAIT, "the transfer did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // `latus status` shows what is left (the file is placed only when whole).
+    let folder = &b.status()["status"]["folders"][0];
+    assert_eq!(folder["state"], "syncing", "{folder}");
+    assert_eq!(folder["files_left"], 1, "{folder}");
+    assert_eq!(folder["bytes_left"], SIZE, "{folder}");
+    let shown = b.ok(&["status"]);
+    assert!(
+        shown.contains("syncing, 1 change / 500.00 MiB left"),
+        "{shown}"
+    );
     // kill -9 in the middle of the transfer.
     let mut daemon = b.daemon.take().unwrap();
     daemon.kill().unwrap();

@@ -132,6 +132,7 @@ impl Case {
                 build_threads,
                 interrupt_after,
                 resumable,
+                ..MergeOptions::default()
             },
             ..SyncOptions::default()
         };
