@@ -297,9 +297,11 @@ where
         }
     };
     // Not lossy: a daemon's log file should hold every line; at the levels it
-    // logs, a write never waits long.
+    // logs, a write never waits long. The queue's slots are allocated up front:
+    // 8,192 lines instead of the default 128,000 keep 4 MiB off the daemon.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(8_192)
         .finish(appender);
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
