@@ -622,6 +622,11 @@ impl<'a> Builder<'a> {
         let mut built = Built::default();
         let mut buffer = Vec::new();
         let mut whole = blake3::Hasher::new();
+        let write = |bytes: &[u8], chunk: &ChunkInfo| {
+            output
+                .write_all_at(bytes, chunk.offset)
+                .map_err(|e| Error::io(partial, e))
+        };
         for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
             // Each chunk's bytes once placed: `None` for those already in the
             // partial file (read again for the whole hash, from the page cache).
@@ -670,9 +675,7 @@ impl<'a> Builder<'a> {
                     // What did arrive stays in the partial file for the next try.
                     for (chunk, bytes) in window.iter().zip(&placed) {
                         if let Some(bytes) = bytes {
-                            output
-                                .write_all_at(bytes, chunk.offset)
-                                .map_err(|e| Error::io(partial, e))?;
+                            write(bytes, chunk)?;
                         }
                     }
                     return Ok(None);
@@ -682,9 +685,7 @@ impl<'a> Builder<'a> {
                 match bytes {
                     Some(bytes) => {
                         whole.update(&bytes);
-                        output
-                            .write_all_at(&bytes, chunk.offset)
-                            .map_err(|e| Error::io(partial, e))?;
+                        write(&bytes, chunk)?;
                     }
                     None => {
                         buffer.resize(chunk.len as usize, 0);
