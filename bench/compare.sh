@@ -31,16 +31,24 @@ HARNESS="$BENCH_DIR/harness"
 rm -rf "$HARNESS" && mkdir -p "$BENCH_DIR" && cp -r "$SHARED/bench" "$HARNESS"
 sed -i 's/^IGNORE_NAMES = {/IGNORE_NAMES = {".latus", /' "$HARNESS/gen_dataset.py"
 grep -q '".latus"' "$HARNESS/gen_dataset.py" || { echo "could not teach the harness .latus/" >&2; exit 2; }
+# Its daemon hooks fill their placeholders from a table that also holds each
+# daemon's Popen once started, and str.replace fails on it: skip what is not text.
+sed -i 's/tmpl = tmpl.replace("{" + k + "}", v)$/tmpl = tmpl.replace("{" + k + "}", v) if isinstance(v, str) else tmpl/' "$HARNESS/bench.py"
+grep -q 'isinstance(v, str)' "$HARNESS/bench.py" || { echo "could not mend the harness's hooks" >&2; exit 2; }
 
 if [ "${MODE:-sync}" = daemon ]; then
     # Two daemons on loopback (bench/daemon.sh sets each one up); the harness
     # counts the bytes on the loopback interface and each daemon's peak RSS.
+    # B is done when `latus wait` says so (bench/daemon-done.sh); DAEMON_DONE_CMD=
+    # (empty) makes the harness compare B's tree with A's instead.
+    done_cmd="$HERE/daemon-done.sh $LATUS {STATE} {PEER_STATE}"
     SETS="${SETS:-small,large}" \
     TOOLS="${TOOLS:-syncthing}" \
     CACHE="${CACHE:-cold}" \
     REPEAT="${REPEAT:-1}" \
     CUSTOM_NAME=latus \
     DAEMON_CMD="exec $HERE/daemon.sh $LATUS {NAME} {DIR} {STATE} {PORT} {PEER_STATE} {PEER_PORT}" \
+    DAEMON_DONE_CMD="${DAEMON_DONE_CMD-$done_cmd}" \
         "$HARNESS/run.sh"
     exit
 fi

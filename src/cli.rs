@@ -1,5 +1,5 @@
 //! Command-line interface: `latus init`, `id`, `scan`, `log`, `sync`, `trash`,
-//! `serve`, `status`, `peer`, `folder`, `xmpp`.
+//! `serve`, `status`, `wait`, `peer`, `folder`, `xmpp`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -131,6 +131,24 @@ enum Command {
     /// What the running `latus serve` is doing: its address, each folder's state,
     /// each peer's connection.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until the running `latus serve` has FOLDER in sync: the changes it
+    /// noticed on disk scanned and shown to peers, and what its connected peers
+    /// announced applied. Prints how far the folder's history is shown to peers.
+    Wait {
+        folder: String,
+        /// Only until this device's own changes are scanned and shown to peers.
+        #[arg(long, conflicts_with = "applied")]
+        scanned: bool,
+        /// Only until this device has applied PEER's (id or name) history of the
+        /// folder up to SEQ (what `latus wait --scanned` printed there).
+        #[arg(long, value_name = "PEER:SEQ")]
+        applied: Option<String>,
+        /// Give up (exit status 2) after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+        timeout: f64,
         #[arg(long)]
         json: bool,
     },
@@ -354,6 +372,26 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Trash { command } => trash_command(command),
         Command::Id { json } => print_id(&home, json),
         Command::Status { json } => print_status(&home, json),
+        Command::Wait {
+            folder,
+            scanned,
+            applied,
+            timeout,
+            json,
+        } => {
+            let until = match (scanned, applied) {
+                (_, Some(applied)) => {
+                    let (peer, seq) = applied
+                        .rsplit_once(':')
+                        .and_then(|(peer, seq)| Some((peer.to_string(), seq.parse().ok()?)))
+                        .context("--applied takes PEER:SEQ, e.g. alice-laptop:42")?;
+                    InSync::Applied { peer, seq }
+                }
+                (true, None) => InSync::Scanned,
+                (false, None) => InSync::Fully,
+            };
+            wait_in_sync(&home, &folder, &until, timeout, json)
+        }
         Command::Serve {
             listen,
             rescan_interval,
@@ -663,6 +701,60 @@ fn print_status(home: &Home, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What `latus wait` waits for.
+enum InSync {
+    Fully,
+    Scanned,
+    Applied { peer: String, seq: u64 },
+}
+
+/// How often `latus wait` reads the daemon's status.
+const WAIT_POLL: Duration = Duration::from_millis(20);
+
+fn wait_in_sync(home: &Home, folder: &str, until: &InSync, timeout: f64, json: bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+    loop {
+        let status = latus::daemon::read_status(home)?;
+        let found = status
+            .as_ref()
+            .and_then(|status| Some((status, status.folders.iter().find(|f| f.id == folder)?)));
+        if let Some((status, found)) = found {
+            let done = match until {
+                InSync::Fully => status.in_sync(found),
+                InSync::Scanned => found.scanned(),
+                InSync::Applied { peer, seq } => status
+                    .peers
+                    .iter()
+                    .find(|p| p.id == *peer || p.name == *peer)
+                    .is_some_and(|p| found.has_applied(&p.name, *seq)),
+            };
+            if done {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "folder": folder, "seq": found.seq })
+                    );
+                } else {
+                    println!("{}", found.seq);
+                }
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            let why = match (&status, found) {
+                (None, _) => "latus serve is not running".to_string(),
+                (Some(_), None) => "the daemon has no such folder".to_string(),
+                (Some(_), Some((_, found))) => match &found.last_error {
+                    Some(error) => format!("{}, last error: {error}", found.state),
+                    None => found.state.clone(),
+                },
+            };
+            anyhow::bail!("folder {folder} not in sync after {timeout} s ({why})");
+        }
+        std::thread::sleep(WAIT_POLL);
+    }
 }
 
 fn print_id(home: &Home, json: bool) -> Result<()> {

@@ -129,9 +129,49 @@ pub struct FolderStatus {
     /// Conflict copies made since the daemon started.
     pub conflicts: usize,
     pub last_error: Option<String>,
-    /// How far each peer (by name) said over XMPP its history of the folder
-    /// reaches: news even from a peer that cannot be reached directly.
+    /// How far each peer (by name) said its history of the folder reaches, over
+    /// a connection or XMPP: news even from a peer that cannot be reached directly.
     pub announced: BTreeMap<String, u64>,
+    /// How far this device's history of the folder is shown to peers.
+    #[serde(default)]
+    pub seq: u64,
+    /// The watcher noticed changes on disk that no round has scanned yet.
+    #[serde(default)]
+    pub waiting: bool,
+    /// How far each peer's (by name) history of the folder is applied here.
+    #[serde(default)]
+    pub applied: BTreeMap<String, u64>,
+}
+
+impl FolderStatus {
+    /// Every change this device noticed in the folder is scanned and shown to peers.
+    pub fn scanned(&self) -> bool {
+        self.state == "idle"
+            && !self.waiting
+            && self.last_synced.is_some()
+            && self.last_error.is_none()
+    }
+
+    /// This device has applied `peer`'s history of the folder up to `seq`.
+    pub fn has_applied(&self, peer: &str, seq: u64) -> bool {
+        self.applied
+            .get(peer)
+            .is_some_and(|&applied| applied >= seq)
+    }
+}
+
+impl Status {
+    /// `folder` is in sync as far as this device can tell: scanned, and each
+    /// connected peer's history applied as far as that peer announced it.
+    pub fn in_sync(&self, folder: &FolderStatus) -> bool {
+        folder.scanned()
+            && self.peers.iter().filter(|peer| peer.connected).all(|peer| {
+                folder
+                    .announced
+                    .get(&peer.name)
+                    .is_none_or(|&seq| folder.has_applied(&peer.name, seq))
+            })
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -147,6 +187,11 @@ pub struct PeerStatus {
 }
 
 type Published = Arc<Mutex<HashMap<String, u64>>>;
+
+fn published_seq(published: &Published, folder: &str) -> u64 {
+    let published = published.lock().unwrap_or_else(|p| p.into_inner());
+    published.get(folder).copied().unwrap_or(0)
+}
 
 fn publish(published: &Published, folder: &str, seq: u64) {
     published
@@ -414,6 +459,7 @@ impl Daemon {
         let (wake, condvar) = &self.wake;
         let now = Instant::now();
         let mut state = wake.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting_before: HashSet<PathBuf> = state.changed.keys().cloned().collect();
         if lost_track {
             for root in watched.iter() {
                 state.changed.insert(root.clone(), Changed::Whole);
@@ -442,6 +488,17 @@ impl Daemon {
             }
         }
         state.events = Some((state.events.map_or(now, |(first, _)| first), now));
+        // Written while the wake state is locked, so that the end of a round
+        // (which reads it) cannot overwrite this with an older answer.
+        if state.changed.len() > waiting_before.len() {
+            self.update_status(|status| {
+                for folder in &mut status.folders {
+                    if state.changed.contains_key(&folder.path) {
+                        folder.waiting = true;
+                    }
+                }
+            });
+        }
         drop(state);
         condvar.notify_all();
     }
@@ -795,7 +852,14 @@ impl RequestHandler for Daemon {
         })
     }
 
-    fn changed(&self, _peer: &PeerId, _folder: &str, _seq: u64) {
+    fn changed(&self, peer: &PeerId, folder: &str, seq: u64) {
+        if let (Some(known), Some(_)) = (self.known_peer(peer), self.shared_folder(peer, folder)) {
+            // The greatest: news is handled on blocking threads, maybe out of order.
+            self.folder_status(folder, |status| {
+                let announced = status.announced.entry(known.name).or_default();
+                *announced = seq.max(*announced);
+            });
+        }
         self.wake_up();
     }
 }
@@ -1046,6 +1110,9 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                 }
                 (Ok(()), Changed::Paths(_)) => {}
             }
+            let seq = published_seq(&daemon.published, &folder.id);
+            // Written with the wake state locked: see `files_changed`.
+            let wake = daemon.wake.0.lock().unwrap_or_else(|p| p.into_inner());
             daemon.folder_status(&folder.id, |status| {
                 status.state = "idle".into();
                 (status.files_left, status.bytes_left) = (0, 0);
@@ -1053,7 +1120,10 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                 if result.is_ok() {
                     status.last_synced = Some(unix_seconds());
                 }
+                status.seq = seq;
+                status.waiting = wake.changed.contains_key(&folder.path);
             });
+            drop(wake);
         }
         woke = daemon.wait(options, next_full_scan);
     }
@@ -1134,8 +1204,18 @@ fn sync_folder(
             daemon.wrong_chunks.clone(),
         );
         local_sync::exchange_with(&mut store, &remote, None)?;
+        let received = store.remote_state(&replica)?.map_or(0, |(seq, _)| seq);
+        let peer_name = daemon
+            .known_peer(&connection.peer)
+            .map_or_else(|| connection.peer.short(), |p| p.name);
+        let applied = |daemon: &Daemon| {
+            daemon.folder_status(&shared.id, |status| {
+                status.applied.insert(peer_name.clone(), received);
+            });
+        };
         let plan = diff::plan(&store, &replica)?;
         if plan.is_empty() {
+            applied(daemon);
             continue;
         }
         if !options.sync.allow_mass_delete {
@@ -1151,6 +1231,7 @@ fn sync_folder(
         let merged = merge::apply(&folder, &mut store, &remote, plan, &over_network)?;
         let conflicts = merged.conflicts.len();
         daemon.folder_status(&shared.id, |status| status.conflicts += conflicts);
+        applied(daemon);
         tracing::info!(
             "folder {}: {} changes from {}, {} bytes read from it, {} bytes resumed",
             shared.id,

@@ -420,6 +420,68 @@ fn status_shows_the_daemon_and_sigterm_stops_it_cleanly() {
     assert!(a.ok(&["status"]).contains("not running"));
 }
 
+/// `latus wait`: the sequence A's `--scanned` prints is what B's `--applied`
+/// waits for, and once it returns B holds the new file, without any polling of
+/// B's folder. A sequence never reached times out with the reason.
+#[test]
+fn latus_wait_returns_once_a_change_is_applied_on_the_other_side() {
+    let (a, b) = pair();
+    let a_id = a.id();
+    let mut last_seq = 0;
+    for round in 0..3u64 {
+        let name = format!("f{round}.bin");
+        let content = bytes(5000 + round as usize, round);
+        write(&a.folder, &name, &content);
+        // `wait` answers for the changes the daemon noticed: give its watcher a moment.
+        std::thread::sleep(Duration::from_millis(100));
+        let seq: u64 = a
+            .ok(&["wait", "docs", "--scanned", "--timeout", "60"])
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(seq > last_seq, "round {round}: {seq} after {last_seq}");
+        last_seq = seq;
+        b.ok(&[
+            "wait",
+            "docs",
+            "--applied",
+            &format!("{a_id}:{seq}"),
+            "--timeout",
+            "60",
+        ]);
+        assert_eq!(
+            fs::read(b.folder.join(&name)).ok(),
+            Some(content),
+            "B's `latus wait --applied {seq}` returned before {name} arrived\nB's log:\n{}",
+            b.log()
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&a.ok(&["wait", "docs", "--json", "--timeout", "60"])).unwrap();
+    assert_eq!(json["folder"], "docs");
+    assert!(json["seq"].as_u64() >= Some(last_seq), "{json}");
+
+    let out = b.run(&[
+        "wait",
+        "docs",
+        "--applied",
+        &format!("{a_id}:999999"),
+        "--timeout",
+        "0.3",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("folder docs not in sync after 0.3 s (idle)"),
+        "{stderr}"
+    );
+    let out = b.run(&["wait", "nope", "--timeout", "0.1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the daemon has no such folder"),
+        "{out:?}"
+    );
+}
+
 /// A file of `size` incompressible bytes, written in pieces.
 fn write_big(path: &Path, size: usize, seed: &[u8]) {
     use std::io::Write;
