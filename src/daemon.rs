@@ -270,11 +270,17 @@ const BLOCKING_THREADS: usize = 8;
 /// glibc gives each thread that allocates its own arena (up to 8 per core), and
 /// the daemon's many short-lived threads leave each arena's freed memory resident:
 /// two arenas halve the daemon's peak RSS at no measurable cost in speed.
+/// glibc also raises its mmap threshold to the size of each large buffer freed,
+/// after which such buffers stay in the arenas once freed: fixed, buffers larger
+/// than any chunk or chunk batch are mapped apart and given back when freed. Up
+/// to 4 MiB free at the top of a heap is kept, not returned and faulted in again.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes an allocator setting; any value is valid.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }
 

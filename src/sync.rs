@@ -262,13 +262,13 @@ pub fn exchange_with(store: &mut HistoryStore, peer: &dyn Peer, root: Option<&st
     let mut last = store.remote_state(&id)?.map_or(0, |(seq, _)| seq);
     loop {
         let batch = peer.changes_since(last, EXCHANGE_BATCH)?;
-        if let Some(entry) = batch.last() {
-            last = entry.seq;
-        }
-        store.store_remote(&id, &batch, last, root)?;
-        if batch.len() < EXCHANGE_BATCH {
+        // Only an empty answer is the end: a peer may send fewer than asked (a
+        // network peer sends at most `protocol::MAX_ENTRIES` at a time).
+        let Some(entry) = batch.last() else {
             return Ok(());
-        }
+        };
+        last = entry.seq;
+        store.store_remote(&id, &batch, last, root)?;
     }
 }
 

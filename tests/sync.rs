@@ -8,6 +8,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::PathBuf;
 
 use common::{bytes, files, trashed, tree, write};
+use latus::content::Hash;
 use latus::diff;
 use latus::folder::Folder;
 use latus::history::{HistoryStore, Kind};
@@ -63,6 +64,69 @@ impl Pair {
         assert_eq!(tree(&self.a), tree(&self.b));
         report
     }
+}
+
+/// A peer that answers at most `at_most` history entries at a time, as a
+/// network peer does (5,000).
+struct AnswersInSmallBatches<'a> {
+    peer: &'a FolderPeer,
+    at_most: usize,
+}
+
+impl Peer for AnswersInSmallBatches<'_> {
+    fn id(&self) -> latus::device::PeerId {
+        self.peer.id()
+    }
+    fn changes_since(&self, seq: u64, limit: usize) -> latus::Result<Vec<latus::history::Entry>> {
+        self.peer.changes_since(seq, limit.min(self.at_most))
+    }
+    fn chunks_of(&self, content: &Hash) -> latus::Result<Vec<latus::content::ChunkInfo>> {
+        self.peer.chunks_of(content)
+    }
+    fn read_chunk(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunk: &latus::content::ChunkInfo,
+    ) -> latus::Result<Option<Vec<u8>>> {
+        self.peer.read_chunk(path, content, chunk)
+    }
+}
+
+/// An exchange asks again until the peer has nothing more, not until an answer
+/// is shorter than what it asked for: a round took only the first 5,000 of a
+/// network peer's entries, and the rest waited for something else to wake it.
+#[test]
+fn an_exchange_receives_every_entry_of_a_peer_that_answers_in_small_batches() {
+    let p = Pair::new();
+    for i in 0..25 {
+        write(
+            &p.a,
+            &format!("d{}/f{i}.txt", i % 3),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    let (fa, fb) = (
+        Folder::open_or_create(&p.a).unwrap(),
+        Folder::open_or_create(&p.b).unwrap(),
+    );
+    let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
+    let replica_a = sa.replica_id().unwrap();
+    scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
+    let peer = FolderPeer::open(&fa).unwrap();
+    let capped = AnswersInSmallBatches {
+        peer: &peer,
+        at_most: 4,
+    };
+    let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
+    latus::sync::exchange_with(&mut sb, &capped, None).unwrap();
+    assert_eq!(
+        sb.remote_state(&peer.id()).unwrap().map(|(seq, _)| seq),
+        Some(sa.last_seq().unwrap())
+    );
+    let plan = diff::plan(&sb, &peer.id()).unwrap();
+    let files = plan.actions.iter().filter(|a| a.target.kind == Kind::File);
+    assert_eq!(files.count(), 25);
 }
 
 #[test]

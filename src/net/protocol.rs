@@ -20,6 +20,10 @@ pub const MAX_FRAME: usize = 4 << 20;
 pub const MAX_CHUNKS_PER_REQUEST: usize = 256;
 /// Bytes of chunks per [`Request::ReadChunks`] at most: the reply fits a frame.
 pub const MAX_CHUNK_BYTES_PER_REQUEST: usize = MAX_FRAME / 2;
+/// Bytes of chunks this side asks for in one request: a reply stays below the
+/// size the daemon's allocator maps apart (`M_MMAP_THRESHOLD`), so receiving it
+/// reuses freed memory instead of faulting in fresh pages.
+const CHUNK_BYTES_PER_BATCH: usize = 256 * 1024;
 /// Entries per reply to [`Request::ChangesSince`] at most.
 pub const MAX_ENTRIES: u32 = 5_000;
 
@@ -246,8 +250,7 @@ pub fn chunk_batches(wanted: Vec<WantedChunk>) -> Vec<Vec<WantedChunk>> {
         let len = item.chunk.len as usize;
         match batches.last_mut() {
             Some(batch)
-                if batch.len() < MAX_CHUNKS_PER_REQUEST
-                    && bytes + len <= MAX_CHUNK_BYTES_PER_REQUEST =>
+                if batch.len() < MAX_CHUNKS_PER_REQUEST && bytes + len <= CHUNK_BYTES_PER_BATCH =>
             {
                 bytes += len;
                 batch.push(item);
@@ -414,7 +417,7 @@ mod tests {
         assert!(err.to_string().contains("bytes of chunks"), "{err}");
 
         // Batches cut by count and by bytes, in order, each within the limits.
-        let len = (MAX_CHUNK_BYTES_PER_REQUEST / 3) as u32;
+        let len = (CHUNK_BYTES_PER_BATCH / 3) as u32;
         let mut wanted_all = most;
         wanted_all.extend((0..4).map(|i| wanted(&format!("big{i}"), len)));
         let batches = chunk_batches(wanted_all.clone());
