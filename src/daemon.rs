@@ -1214,14 +1214,18 @@ fn sync_folder(
         let peer_name = daemon
             .known_peer(&connection.peer)
             .map_or_else(|| connection.peer.short(), |p| p.name);
-        let applied = |daemon: &Daemon| {
+        // Everything received from the peer is applied (or older than what is
+        // here): the next plans need only look at paths changed since.
+        let caught_up = |daemon: &Daemon, store: &mut HistoryStore| -> Result<()> {
+            store.mark_identical(&replica)?;
             daemon.folder_status(&shared.id, |status| {
                 status.applied.insert(peer_name.clone(), received);
             });
+            Ok(())
         };
         let plan = diff::plan(&store, &replica)?;
         if plan.is_empty() {
-            applied(daemon);
+            caught_up(daemon, &mut store)?;
             continue;
         }
         if !options.sync.allow_mass_delete {
@@ -1237,7 +1241,9 @@ fn sync_folder(
         let merged = merge::apply(&folder, &mut store, &remote, plan, &over_network)?;
         let conflicts = merged.conflicts.len();
         daemon.folder_status(&shared.id, |status| status.conflicts += conflicts);
-        applied(daemon);
+        if merged.deferred.is_empty() && !merged.interrupted {
+            caught_up(daemon, &mut store)?;
+        }
         tracing::info!(
             "folder {}: {} changes from {}, {} bytes read from it, {} bytes resumed",
             shared.id,

@@ -275,8 +275,9 @@ impl Plan {
 /// Compares my history with what I received of `peer`'s and plans the actions
 /// that apply its newer versions here.
 pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
-    // Paths with no entry on either side since both were last identical are in
-    // sync still: a sync that changes 1% of a folder plans 1% of its paths.
+    // Paths with no entry on either side since both were last identical (or,
+    // for a daemon, since this side last applied all it received) need nothing
+    // from the peer still: a sync that changes 1% of a folder plans 1% of its paths.
     let marks = store.identical_marks(peer)?;
     let (mine, theirs) = match marks {
         Some(marks) => store.latest_changed_since(peer, marks)?,

@@ -395,6 +395,32 @@ impl HistoryStore {
         Ok(latest)
     }
 
+    /// The current (not deleted) entry at each of `paths` and at every path under
+    /// them: what a scan of only those paths compares the disk with.
+    pub fn latest_existing_under(&self, paths: &[String]) -> Result<Vec<Entry>> {
+        // "p/" up to "p0" ('0' follows '/'): the paths under p, through the path index.
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries AS e \
+             WHERE (path = ?1 OR (path > ?1 || '/' AND path < ?1 || '0')) \
+             AND seq = (SELECT MAX(seq) FROM entries WHERE path = e.path)"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let mut latest: HashMap<String, Entry> = HashMap::new();
+        for path in paths {
+            let rows = stmt
+                .query_map([path], entry_from_row)
+                .map_err(|e| self.err(e))?;
+            for row in rows {
+                let entry = row.map_err(|e| self.err(e))?;
+                latest.insert(entry.path.clone(), entry);
+            }
+        }
+        Ok(latest
+            .into_values()
+            .filter(|e| e.kind != Kind::Deleted)
+            .collect())
+    }
+
     /// The latest entry of each path, in sequence order: one pass over the table
     /// in its own order, keeping the last entry seen of each path. (Asking SQLite
     /// for each path's maximum walks the path index and then looks each row up:

@@ -274,12 +274,17 @@ pub fn scan(
     let path_scope = options.only.as_deref().map(|p| Arc::new(PathScope::new(p)));
     let written = std::thread::scope(|scope| {
         let in_scope = path_scope.clone();
-        let known = scope.spawn(move || {
-            let mut current = load_current(&history_path)?;
-            if let Some(path_scope) = in_scope {
-                current.retain(|path, _| path_scope.contains(path));
+        let only = options.only.as_deref();
+        let known = scope.spawn(move || match (only, in_scope) {
+            (Some(paths), _) if paths.len() <= TARGETS_LOOKED_UP => {
+                load_current_under(&history_path, paths)
             }
-            Ok(current)
+            (_, Some(path_scope)) => {
+                let mut current = load_current(&history_path)?;
+                current.retain(|path, _| path_scope.contains(path));
+                Ok(current)
+            }
+            (_, None) => load_current(&history_path),
         });
         let writer = scope.spawn(|| write_changes(store, change_rx, batch_size, &shared));
         for _ in 0..threads {
@@ -342,6 +347,19 @@ fn load_current(history: &Path) -> Result<HashMap<String, Entry>> {
         started.elapsed()
     );
     Ok(current)
+}
+
+/// Targets of a scan up to which their entries are looked up one by one; beyond,
+/// one pass over the whole history is quicker.
+const TARGETS_LOOKED_UP: usize = 2_000;
+
+/// The current entries at `paths` and under them.
+fn load_current_under(history: &Path, paths: &[String]) -> Result<HashMap<String, Entry>> {
+    Ok(HistoryStore::open_read_only(history)?
+        .latest_existing_under(paths)?
+        .into_iter()
+        .map(|e| (e.path.clone(), e))
+        .collect())
 }
 
 /// `/`-separated path relative to the root; `None` if not valid UTF-8.

@@ -170,7 +170,7 @@ fn rescans_record_exactly_the_changes() {
 #[test]
 fn a_targeted_scan_records_the_changes_at_its_paths_and_nothing_else() {
     let mut fx = Fixture::new();
-    for rel in ["a/x", "a/gone", "a/deep/y", "b/y", "b/z", "top"] {
+    for rel in ["a/x", "a/gone", "a/deep/y", "b/y", "b/z", "top", "a.txt", "ab/x"] {
         write(fx.root(), rel, rel.as_bytes());
     }
     backdate(fx.root());
@@ -185,6 +185,9 @@ fn a_targeted_scan_records_the_changes_at_its_paths_and_nothing_else() {
     write(fx.root(), "a/deep/new", b"new");
     write(fx.root(), "b/y", b"edited outside the scan");
     write(fx.root(), "top", b"edited outside the scan too");
+    // Names that start like the target but are not under it.
+    fs::remove_file(fx.root().join("a.txt")).unwrap();
+    fs::remove_file(fx.root().join("ab/x")).unwrap();
     let s = fx.scan_with(only(&["a"]));
     assert_eq!((s.new, s.changed, s.deleted), (1, 1, 1), "{s:?}");
     // Only what is under a/ was looked at: b/ and top were not even walked.
@@ -196,6 +199,7 @@ fn a_targeted_scan_records_the_changes_at_its_paths_and_nothing_else() {
     let now = current(&fx.store);
     assert_eq!(now["b/y"].size, 3, "b/y is still recorded as it was");
     assert!(now.contains_key("a/deep/new") && !now.contains_key("a/gone"));
+    assert!(now.contains_key("a.txt") && now.contains_key("ab/x"));
 
     // A file, and a directory that no longer exists: its entries are deleted.
     fs::remove_dir_all(fx.root().join("a/deep")).unwrap();
@@ -207,9 +211,9 @@ fn a_targeted_scan_records_the_changes_at_its_paths_and_nothing_else() {
         (s.files, s.dirs, s.new, s.changed, s.deleted),
         (0, 0, 0, 0, 0)
     );
-    // The whole folder again: only top was left to record.
+    // The whole folder again: only top, a.txt and ab/x were left to record.
     let s = fx.scan();
-    assert_eq!((s.new, s.changed, s.deleted), (0, 1, 0), "{s:?}");
+    assert_eq!((s.new, s.changed, s.deleted), (0, 1, 2), "{s:?}");
     fx.assert_history_matches_disk();
 }
 
