@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ScopedJoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use ignore::WalkBuilder;
 use serde::Serialize;
 
@@ -842,6 +842,10 @@ struct Written {
     refreshed: u64,
 }
 
+/// How long a batch of a scan that announces its batches waits at most before
+/// it is committed.
+const BATCH_MAX_WAIT: Duration = Duration::from_secs(1);
+
 fn write_changes(
     store: &mut HistoryStore,
     changes: Receiver<(Change, Record)>,
@@ -863,7 +867,26 @@ fn write_changes(
         batch.clear();
         Ok(())
     };
-    for (change, record) in changes {
+    // When someone hears of each batch (peers, during a first scan), a batch is
+    // also committed once it has waited long enough: a few large files would
+    // otherwise reach them only at the end of the scan.
+    let mut batch_started: Option<Instant> = None;
+    loop {
+        let next = match batch_started {
+            Some(started) if shared.observer.is_some() => {
+                changes.recv_deadline(started + BATCH_MAX_WAIT)
+            }
+            _ => changes.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let (change, record) = match next {
+            Ok(next) => next,
+            Err(RecvTimeoutError::Timeout) => {
+                commit(&mut batch)?;
+                batch_started = None;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         match change {
             Change::New => written.new += 1,
             Change::Changed => written.changed += 1,
@@ -871,8 +894,10 @@ fn write_changes(
             Change::Refreshed => written.refreshed += 1,
         }
         batch.push(record);
+        batch_started.get_or_insert_with(Instant::now);
         if batch.len() >= batch_size {
             commit(&mut batch)?;
+            batch_started = None;
         }
     }
     if !batch.is_empty() {

@@ -170,7 +170,9 @@ fn rescans_record_exactly_the_changes() {
 #[test]
 fn a_targeted_scan_records_the_changes_at_its_paths_and_nothing_else() {
     let mut fx = Fixture::new();
-    for rel in ["a/x", "a/gone", "a/deep/y", "b/y", "b/z", "top", "a.txt", "ab/x"] {
+    for rel in [
+        "a/x", "a/gone", "a/deep/y", "b/y", "b/z", "top", "a.txt", "ab/x",
+    ] {
         write(fx.root(), rel, rel.as_bytes());
     }
     backdate(fx.root());
@@ -549,4 +551,49 @@ fn a_killed_merge_leaves_temp_files_that_the_next_scan_removes() {
     assert_eq!(entries.keys().collect::<Vec<_>>(), ["sub", "sub/real.txt"]);
     assert!(!fx.root().join("sub/.latus-tmp-4242-7").exists());
     assert!(!fx.root().join(".latus-tmp-4242-8").exists());
+}
+
+/// Counts the batches a scan commits, and when the first one came.
+#[derive(Default)]
+struct Batches {
+    committed: Mutex<Vec<(Instant, usize)>>,
+}
+
+impl ScanObserver for Batches {
+    fn batch_committed(&self, entries: usize, _last_seq: u64) {
+        self.committed
+            .lock()
+            .unwrap()
+            .push((Instant::now(), entries));
+    }
+}
+
+/// Peers hear of a slow scan's first files before it ends, even when they are
+/// too few to fill a batch: a batch is committed once it has waited a second.
+#[test]
+fn a_scan_that_announces_its_batches_commits_one_that_waited_a_second() {
+    let mut fx = Fixture::new();
+    for name in ["a.bin", "b.bin", "c.bin"] {
+        write(fx.root(), name, &bytes(400_000, name.len() as u64));
+    }
+    let batches = Arc::new(Batches::default());
+    let started = Instant::now();
+    let s = fx.scan_with(ScanOptions {
+        // One file at a time, each about 0.8 s: the scan lasts about 2.4 s.
+        hash_threads: 1,
+        max_read_bytes_per_sec: 500_000.0,
+        observer: Some(Arc::clone(&batches) as Arc<dyn ScanObserver>),
+        ..ScanOptions::default()
+    });
+    let ended = started.elapsed();
+    assert_eq!(s.new, 3);
+    let committed = batches.committed.lock().unwrap().clone();
+    assert!(committed.len() >= 2, "{committed:?} in {ended:?}");
+    let first = committed[0].0 - started;
+    assert!(
+        first < ended - Duration::from_millis(500),
+        "the first batch came at {first:?}, the scan ended at {ended:?}"
+    );
+    assert_eq!(committed.iter().map(|(_, n)| n).sum::<usize>(), 3);
+    fx.assert_history_matches_disk();
 }
