@@ -713,10 +713,18 @@ enum InSync {
 /// How often `latus wait` reads the daemon's status.
 const WAIT_POLL: Duration = Duration::from_millis(20);
 
+/// How long `latus wait` waits for a daemon that is not running (one just started
+/// writes its status within this time).
+const WAIT_FOR_DAEMON: Duration = Duration::from_secs(5);
+
 fn wait_in_sync(home: &Home, folder: &str, until: &InSync, timeout: f64, json: bool) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs_f64(timeout.max(0.0));
     loop {
         let status = latus::daemon::read_status(home)?;
+        if status.is_none() && started.elapsed() >= WAIT_FOR_DAEMON.min(deadline - started) {
+            anyhow::bail!("latus serve is not running (start it with `latus serve`)");
+        }
         let found = status
             .as_ref()
             .and_then(|status| Some((status, status.folders.iter().find(|f| f.id == folder)?)));
@@ -743,10 +751,9 @@ fn wait_in_sync(home: &Home, folder: &str, until: &InSync, timeout: f64, json: b
             }
         }
         if std::time::Instant::now() >= deadline {
-            let why = match (&status, found) {
-                (None, _) => "latus serve is not running".to_string(),
-                (Some(_), None) => "the daemon has no such folder".to_string(),
-                (Some(_), Some((_, found))) => match &found.last_error {
+            let why = match found {
+                None => "the daemon has no such folder".to_string(),
+                Some((_, found)) => match &found.last_error {
                     Some(error) => format!("{}, last error: {error}", found.state),
                     None => found.state.clone(),
                 },

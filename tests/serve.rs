@@ -480,6 +480,13 @@ fn latus_wait_returns_once_a_change_is_applied_on_the_other_side() {
         String::from_utf8_lossy(&out.stderr).contains("the daemon has no such folder"),
         "{out:?}"
     );
+    let idle = Device::new();
+    let out = idle.run(&["wait", "docs", "--timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("latus serve is not running"),
+        "{out:?}"
+    );
 }
 
 /// A file of `size` incompressible bytes, written in pieces.
