@@ -465,7 +465,7 @@ impl Daemon {
         let (wake, condvar) = &self.wake;
         let now = Instant::now();
         let mut state = wake.lock().unwrap_or_else(|p| p.into_inner());
-        let waiting_before: HashSet<PathBuf> = state.changed.keys().cloned().collect();
+        let folders_waiting = state.changed.len();
         if lost_track {
             for root in watched.iter() {
                 state.changed.insert(root.clone(), Changed::Whole);
@@ -496,7 +496,7 @@ impl Daemon {
         state.events = Some((state.events.map_or(now, |(first, _)| first), now));
         // Written while the wake state is locked, so that the end of a round
         // (which reads it) cannot overwrite this with an older answer.
-        if state.changed.len() > waiting_before.len() {
+        if state.changed.len() > folders_waiting {
             self.update_status(|status| {
                 for folder in &mut status.folders {
                     if state.changed.contains_key(&folder.path) {
@@ -992,7 +992,7 @@ async fn dial(daemon: &Arc<Daemon>, peer: PeerId, addr: &str) -> Result<()> {
 fn watch(daemon: &Arc<Daemon>) {
     let weak = Arc::downgrade(daemon);
     let data_dir = daemon.data_dir.clone();
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    let handler = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         // Reads (ours included: a scan opens every directory) change nothing.
         if matches!(event.kind, notify::EventKind::Access(_)) {
@@ -1029,8 +1029,11 @@ fn watch(daemon: &Arc<Daemon>) {
         if !changed.is_empty() || event.need_rescan() {
             daemon.files_changed(&changed, event.need_rescan());
         }
-    });
-    let mut watcher = match watcher {
+    };
+    // Creations, removals, writes, metadata and renames: not opens and closes,
+    // which the daemon's own reads would cause by the thousand.
+    let config = notify::Config::default().with_event_kinds(notify::EventKindMask::CORE);
+    let mut watcher = match notify::RecommendedWatcher::new(handler, config) {
         Ok(watcher) => watcher,
         Err(e) => {
             tracing::warn!("no file-system watcher ({e}); changes are found by rescans only");
