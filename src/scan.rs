@@ -274,17 +274,16 @@ pub fn scan(
     let path_scope = options.only.as_deref().map(|p| Arc::new(PathScope::new(p)));
     let written = std::thread::scope(|scope| {
         let in_scope = path_scope.clone();
-        let only = options.only.as_deref();
-        let known = scope.spawn(move || match (only, in_scope) {
-            (Some(paths), _) if paths.len() <= TARGETS_LOOKED_UP => {
-                load_current_under(&history_path, paths)
-            }
-            (_, Some(path_scope)) => {
-                let mut current = load_current(&history_path)?;
+        let looked_up = options
+            .only
+            .as_deref()
+            .filter(|paths| paths.len() <= TARGETS_LOOKED_UP);
+        let known = scope.spawn(move || {
+            let mut current = load_current(&history_path, looked_up)?;
+            if let (None, Some(path_scope)) = (looked_up, in_scope) {
                 current.retain(|path, _| path_scope.contains(path));
-                Ok(current)
             }
-            (_, None) => load_current(&history_path),
+            Ok(current)
         });
         let writer = scope.spawn(|| write_changes(store, change_rx, batch_size, &shared));
         for _ in 0..threads {
@@ -332,15 +331,18 @@ pub fn scan(
     Ok(summary)
 }
 
-/// The current (not deleted) entry of every path, through a connection of its own
-/// so it can run beside the walk.
-fn load_current(history: &Path) -> Result<HashMap<String, Entry>> {
+/// The current (not deleted) entry of every path, or of `paths` and what is under
+/// them, through a connection of its own so it can run beside the walk.
+fn load_current(history: &Path, paths: Option<&[String]>) -> Result<HashMap<String, Entry>> {
     let started = Instant::now();
-    let current: HashMap<String, Entry> = HistoryStore::open_read_only(history)?
-        .latest_existing()?
-        .into_iter()
-        .map(|e| (e.path.clone(), e))
-        .collect();
+    let store = HistoryStore::open_read_only(history)?;
+    let current: HashMap<String, Entry> = match paths {
+        Some(paths) => store.latest_existing_under(paths)?,
+        None => store.latest_existing()?,
+    }
+    .into_iter()
+    .map(|e| (e.path.clone(), e))
+    .collect();
     tracing::debug!(
         "loaded {} current entries in {:?}",
         current.len(),
@@ -352,15 +354,6 @@ fn load_current(history: &Path) -> Result<HashMap<String, Entry>> {
 /// Targets of a scan up to which their entries are looked up one by one; beyond,
 /// one pass over the whole history is quicker.
 const TARGETS_LOOKED_UP: usize = 2_000;
-
-/// The current entries at `paths` and under them.
-fn load_current_under(history: &Path, paths: &[String]) -> Result<HashMap<String, Entry>> {
-    Ok(HistoryStore::open_read_only(history)?
-        .latest_existing_under(paths)?
-        .into_iter()
-        .map(|e| (e.path.clone(), e))
-        .collect())
-}
 
 /// `/`-separated path relative to the root; `None` if not valid UTF-8.
 pub(crate) fn relative(root: &Path, path: &Path) -> Option<String> {
@@ -845,6 +838,8 @@ struct Written {
 /// How long a batch of a scan that announces its batches waits at most before
 /// it is committed.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(1);
+/// Records in the first batch of a scan that announces its batches.
+const FIRST_BATCH: usize = 100;
 
 fn write_changes(
     store: &mut HistoryStore,
@@ -871,6 +866,8 @@ fn write_changes(
     // also committed once it has waited long enough: a few large files would
     // otherwise reach them only at the end of the scan.
     let mut batch_started: Option<Instant> = None;
+    // And the first such batch is small: peers start on it at once.
+    let mut announce_first = shared.observer.is_some();
     loop {
         let next = match batch_started {
             Some(started) if shared.observer.is_some() => {
@@ -882,7 +879,7 @@ fn write_changes(
             Ok(next) => next,
             Err(RecvTimeoutError::Timeout) => {
                 commit(&mut batch)?;
-                batch_started = None;
+                (batch_started, announce_first) = (None, false);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -895,9 +892,9 @@ fn write_changes(
         }
         batch.push(record);
         batch_started.get_or_insert_with(Instant::now);
-        if batch.len() >= batch_size {
+        if batch.len() >= batch_size || (announce_first && batch.len() >= FIRST_BATCH) {
             commit(&mut batch)?;
-            batch_started = None;
+            (batch_started, announce_first) = (None, false);
         }
     }
     if !batch.is_empty() {

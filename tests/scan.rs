@@ -597,3 +597,30 @@ fn a_scan_that_announces_its_batches_commits_one_that_waited_a_second() {
     assert_eq!(committed.iter().map(|(_, n)| n).sum::<usize>(), 3);
     fx.assert_history_matches_disk();
 }
+
+/// The first batch a scan announces is small, so that peers start on it at once;
+/// the next ones are full.
+#[test]
+fn a_scan_that_announces_its_batches_makes_the_first_one_small() {
+    let mut fx = Fixture::new();
+    for i in 0..1250 {
+        write(fx.root(), &format!("f{i:04}"), b"x");
+    }
+    let batches = Arc::new(Batches::default());
+    let s = fx.scan_with(ScanOptions {
+        observer: Some(Arc::clone(&batches) as Arc<dyn ScanObserver>),
+        ..ScanOptions::default()
+    });
+    assert_eq!(s.new, 1250);
+    let sizes: Vec<usize> = batches
+        .committed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, n)| *n)
+        .collect();
+    // [100, 1000, 150], unless a batch waited a second on a slow machine.
+    assert_eq!(sizes.first(), Some(&100), "{sizes:?}");
+    assert!(sizes.iter().all(|&n| n <= 1000), "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 1250);
+}
