@@ -44,18 +44,23 @@ impl Pair {
     /// Scans A and plans B's side of a sync, without applying it: B's folder,
     /// history, A as its peer, and the plan.
     fn plan_b_by_hand(&self) -> (Folder, HistoryStore, FolderPeer, diff::Plan) {
-        let (fa, fb) = (
-            Folder::open(&self.a).unwrap(),
-            Folder::open(&self.b).unwrap(),
-        );
-        let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
-        let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
-        let replica_a = sa.replica_id().unwrap();
-        scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
-        let peer_a = FolderPeer::open(&fa).unwrap();
+        let (fb, _, mut sb, peer_a) = self.scan_a_open_b();
         exchange(&mut sb, &peer_a).unwrap();
         let plan = diff::plan(&sb, &peer_a.id()).unwrap();
         (fb, sb, peer_a, plan)
+    }
+
+    /// Scans A and opens B: B's folder, A's and B's histories, A as B's peer.
+    fn scan_a_open_b(&self) -> (Folder, HistoryStore, HistoryStore, FolderPeer) {
+        let (fa, fb) = (
+            Folder::open_or_create(&self.a).unwrap(),
+            Folder::open_or_create(&self.b).unwrap(),
+        );
+        let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
+        let sb = HistoryStore::open(&fb.history_path()).unwrap();
+        let replica_a = sa.replica_id().unwrap();
+        scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
+        (fb, sa, sb, FolderPeer::open(&fa).unwrap())
     }
 
     fn converge(&self) -> SyncReport {
@@ -106,19 +111,11 @@ fn an_exchange_receives_every_entry_of_a_peer_that_answers_in_small_batches() {
             format!("file {i}").as_bytes(),
         );
     }
-    let (fa, fb) = (
-        Folder::open_or_create(&p.a).unwrap(),
-        Folder::open_or_create(&p.b).unwrap(),
-    );
-    let mut sa = HistoryStore::open(&fa.history_path()).unwrap();
-    let replica_a = sa.replica_id().unwrap();
-    scan::scan(&fa, &mut sa, replica_a, &Default::default()).unwrap();
-    let peer = FolderPeer::open(&fa).unwrap();
+    let (_, sa, mut sb, peer) = p.scan_a_open_b();
     let capped = AnswersInSmallBatches {
         peer: &peer,
         at_most: 4,
     };
-    let mut sb = HistoryStore::open(&fb.history_path()).unwrap();
     latus::sync::exchange_with(&mut sb, &capped, None).unwrap();
     assert_eq!(
         sb.remote_state(&peer.id()).unwrap().map(|(seq, _)| seq),
