@@ -278,6 +278,9 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
     // Paths with no entry on either side since both were last identical (or,
     // for a daemon, since this side last applied all it received) need nothing
     // from the peer still: a sync that changes 1% of a folder plans 1% of its paths.
+    // One state of the history for the whole plan, and the queries per path
+    // below without a lock each.
+    let _snapshot = store.read_snapshot()?;
     let marks = store.identical_marks(peer)?;
     let (mine, theirs) = match marks {
         Some(marks) => store.latest_changed_since(peer, marks)?,

@@ -250,6 +250,11 @@ pub struct HistoryStore {
     path: PathBuf,
 }
 
+/// A read transaction of a [`HistoryStore`], ended when dropped.
+pub struct Snapshot<'a> {
+    _transaction: Option<rusqlite::Transaction<'a>>,
+}
+
 impl HistoryStore {
     /// Opens (creating and migrating if needed) the database for writing.
     pub fn open(path: &Path) -> Result<Self> {
@@ -289,6 +294,30 @@ impl HistoryStore {
             return Err(store.newer_schema(version));
         }
         Ok(store)
+    }
+
+    /// While the returned guard lives, reads see one state of the history and
+    /// lock the write-ahead log once, not once per query (and the pages they
+    /// read stay cached): for a run of many queries. Within a transaction
+    /// already open, nothing more is needed.
+    pub fn read_snapshot(&self) -> Result<Snapshot<'_>> {
+        match self.conn.is_autocommit() {
+            true => Ok(Snapshot {
+                _transaction: Some(self.conn.unchecked_transaction().map_err(|e| self.err(e))?),
+            }),
+            false => Ok(Snapshot { _transaction: None }),
+        }
+    }
+
+    /// Reads from here on see the history as it is now, and go on seeing it
+    /// (whatever is written meanwhile) until the next call: [`Self::read_snapshot`]
+    /// for a reader that keeps its snapshot between calls and may be a little behind.
+    pub fn renew_snapshot(&self) -> Result<()> {
+        let sql = match self.conn.is_autocommit() {
+            true => "BEGIN DEFERRED",
+            false => "COMMIT; BEGIN DEFERRED",
+        };
+        self.conn.execute_batch(sql).map_err(|e| self.err(e))
     }
 
     pub fn path(&self) -> &Path {
@@ -404,6 +433,7 @@ impl HistoryStore {
              WHERE (path = ?1 OR (path > ?1 || '/' AND path < ?1 || '0')) \
              AND seq = (SELECT MAX(seq) FROM entries WHERE path = e.path)"
         );
+        let _snapshot = self.read_snapshot()?;
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let mut latest: HashMap<String, Entry> = HashMap::new();
         for path in paths {

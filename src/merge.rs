@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -138,6 +138,7 @@ pub fn apply(
         records: Vec::new(),
         report: MergeReport::default(),
         pending_chunks: Vec::new(),
+        temp_prefix: format!("{TEMP_PREFIX}{}-", std::process::id()),
         tmp_counter: 0,
         ready_dirs: HashSet::new(),
     };
@@ -269,6 +270,12 @@ pub const PARTIAL_DIR: &str = "partial";
 /// Chunks a resumable build asks the peer for at once.
 const CHUNKS_IN_FLIGHT: usize = 16;
 
+/// How old the history a build thread reads may be.
+const SNAPSHOT_AGE: Duration = Duration::from_secs(1);
+
+/// A resumable partial file stays private to its owner until it is finished.
+const PARTIAL_MODE: u32 = 0o600;
+
 fn build_worker(
     mut builder: Builder<'_>,
     jobs: crossbeam_channel::Receiver<BuildJob>,
@@ -348,6 +355,8 @@ struct BuildShared<'a> {
 struct Builder<'a> {
     shared: &'a BuildShared<'a>,
     store: Option<HistoryStore>,
+    /// When `store`'s snapshot was taken.
+    snapshot_at: Option<Instant>,
 }
 
 impl<'a> Builder<'a> {
@@ -355,6 +364,7 @@ impl<'a> Builder<'a> {
         Builder {
             shared,
             store: None,
+            snapshot_at: None,
         }
     }
 
@@ -373,11 +383,22 @@ impl<'a> Builder<'a> {
         Ok(built)
     }
 
+    /// The history as of at most [`SNAPSHOT_AGE`] ago: enough to find local
+    /// copies of chunks (each is checked on disk before use), and a query per
+    /// file then costs no lock nor page reads while the placing thread commits.
     fn store(&mut self) -> Result<&HistoryStore> {
-        match &mut self.store {
-            Some(store) => Ok(store),
-            slot => Ok(slot.insert(HistoryStore::open_read_only(&self.shared.history)?)),
+        let store = match &mut self.store {
+            Some(store) => store,
+            slot => slot.insert(HistoryStore::open_read_only(&self.shared.history)?),
+        };
+        if self
+            .snapshot_at
+            .is_none_or(|at| at.elapsed() >= SNAPSHOT_AGE)
+        {
+            store.renew_snapshot()?;
+            self.snapshot_at = Some(Instant::now());
         }
+        Ok(store)
     }
 
     /// Copies a file of this folder that has the target's content; `None` if it
@@ -387,7 +408,7 @@ impl<'a> Builder<'a> {
         let Some(input) = sources.open(&self.shared.root, source)? else {
             return Ok(None);
         };
-        let output = create_temp(temp)?;
+        let output = create_temp(temp, target)?;
         // Copied unread (a clone where the file system can), then checked whole.
         let copy = LocalRun {
             source: input,
@@ -408,7 +429,7 @@ impl<'a> Builder<'a> {
             let _ = fs::remove_file(temp);
             return Ok(None);
         }
-        finish_file(output, temp, target)?;
+        finish_file(output, temp, target, target.mode & 0o777)?;
         Ok(Some(Built {
             // The content is this folder's already: so is its chunk list.
             chunks: Vec::new(),
@@ -498,7 +519,7 @@ impl<'a> Builder<'a> {
         temp: &Path,
         ranges: bool,
     ) -> Result<Assembled> {
-        let output = create_temp(temp)?;
+        let output = create_temp(temp, target)?;
         let mut built = Built::default();
         let mut sources = LocalSources::default();
         let mut run: Option<LocalRun> = None;
@@ -561,7 +582,7 @@ impl<'a> Builder<'a> {
                 target.path
             )));
         }
-        finish_file(output, temp, target)?;
+        finish_file(output, temp, target, target.mode & 0o777)?;
         Ok(Assembled::Done(built))
     }
 
@@ -616,7 +637,7 @@ impl<'a> Builder<'a> {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o600)
+            .mode(PARTIAL_MODE)
             .open(partial)
             .map_err(|e| Error::io(partial, e))?;
         let mut built = Built::default();
@@ -708,7 +729,7 @@ impl<'a> Builder<'a> {
                 target.path
             )));
         }
-        finish_file(output, partial, target)?;
+        finish_file(output, partial, target, PARTIAL_MODE)?;
         Ok(Some(built))
     }
 
@@ -908,12 +929,15 @@ fn hash_file(file: &File, path: &Path) -> Result<Hash> {
     }
 }
 
-fn create_temp(temp: &Path) -> Result<File> {
+/// Creates the temp file for `target` with its permissions already (the umask
+/// permitting): no chmod afterwards, and one file-system event less per file
+/// for the watchers of this folder, our own included.
+fn create_temp(temp: &Path, target: &Entry) -> Result<File> {
     File::options()
         .read(true) // to check what was copied into it unread
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(target.mode & 0o777)
         .open(temp)
         .map_err(|e| Error::io(temp, e))
 }
@@ -929,6 +953,8 @@ struct Merger<'a> {
     report: MergeReport,
     /// The chunk list of the file just built, recorded with its entry.
     pending_chunks: Vec<ChunkInfo>,
+    /// Temp names: the prefix the scan skips, and this process's id.
+    temp_prefix: String,
     tmp_counter: u64,
     /// Parents checked (real directories, not symlinks) in this run.
     ready_dirs: HashSet<String>,
@@ -1222,9 +1248,18 @@ impl Merger<'_> {
     fn place(&mut self, action: &Action, temp: &Path) -> Result<bool> {
         let rel = action.path();
         let abs = self.root.join(rel);
+        // Where nothing is expected, the rename itself refuses to replace
+        // whatever appeared meanwhile: no need to look first.
+        let expects_nothing = action
+            .current
+            .as_ref()
+            .is_none_or(|c| c.kind == Kind::Deleted);
         let placed = self
             .prepare_parent(rel)
-            .and_then(|()| disk_matches(&abs, action.current.as_ref()))
+            .and_then(|()| match expects_nothing {
+                true => Ok(true),
+                false => disk_matches(&abs, action.current.as_ref()),
+            })
             .and_then(|matches| match matches {
                 true => self.replace_with(action, temp),
                 false => Ok(false),
@@ -1322,7 +1357,7 @@ impl Merger<'_> {
     fn temp_path(&mut self, rel: &str) -> Result<PathBuf> {
         self.prepare_parent(rel)?;
         self.tmp_counter += 1;
-        let name = format!("{TEMP_PREFIX}{}-{}", std::process::id(), self.tmp_counter);
+        let name = format!("{}{}", self.temp_prefix, self.tmp_counter);
         Ok(match rel.rfind('/') {
             Some(i) => self.root.join(&rel[..i]).join(name),
             None => self.root.join(name),
@@ -1354,12 +1389,31 @@ pub(crate) fn copy_hashing(
     Ok((copied, Hash(*hasher.finalize().as_bytes())))
 }
 
-/// Sets the finished temp file's mode and mtime (after the last write).
-fn finish_file(file: File, temp: &Path, target: &Entry) -> Result<()> {
-    file.set_permissions(fs::Permissions::from_mode(target.mode & 0o777))
-        .map_err(|e| Error::io(temp, e))?;
-    drop(file);
-    set_mtime(temp, target.mtime_ns)
+/// Sets the finished temp file's mode (unless it was created `created_with`
+/// and the umask left it that) and mtime, after the last write.
+fn finish_file(file: File, temp: &Path, target: &Entry, created_with: u32) -> Result<()> {
+    let mode = target.mode & 0o777;
+    if umask().is_none_or(|umask| created_with & !umask != mode) {
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(temp, e))?;
+    }
+    let times = mtime_only(target.mtime_ns);
+    // SAFETY: an open descriptor and a two-element timespec array.
+    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(Error::io(temp, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// This process's umask, read once (Latus never changes it); `None` where
+/// `/proc` does not say.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
 }
 
 /// Whether `abs` still is what the history says (`None`: nothing).
@@ -1468,16 +1522,7 @@ fn set_mode(abs: &Path, mode: u32) -> Result<()> {
 /// Sets the mtime of `path` itself (a symlink's own, not its target's).
 pub(crate) fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
     let c = c_path(path)?;
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: mtime_ns.div_euclid(1_000_000_000),
-            tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
-        },
-    ];
+    let times = mtime_only(mtime_ns);
     // SAFETY: a valid NUL-terminated path and a two-element timespec array.
     let rc = unsafe {
         libc::utimensat(
@@ -1491,6 +1536,20 @@ pub(crate) fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
         return Err(Error::io(path, std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// The times for `utimensat`/`futimens` that set the mtime and leave the atime.
+fn mtime_only(mtime_ns: i64) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
+        },
+    ]
 }
 
 pub(crate) fn mtime_of(meta: &fs::Metadata) -> i64 {

@@ -299,6 +299,26 @@ fn metadata_changes_are_synced_without_content() {
 }
 
 #[test]
+fn new_files_get_exactly_their_modes_whatever_the_umask_would_strip() {
+    let p = Pair::new();
+    // 0o666 and 0o777 lose bits to the usual umask (022) when a file is
+    // created with them; 0o444 cannot be written once made.
+    let modes = [0o644, 0o666, 0o777, 0o444, 0o600];
+    for mode in modes {
+        let name = format!("m{mode:o}");
+        write(&p.a, &name, name.as_bytes());
+        fs::set_permissions(p.a.join(&name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    p.converge();
+    for mode in modes {
+        let name = format!("m{mode:o}");
+        let meta = fs::metadata(p.b.join(&name)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+        assert_eq!(fs::read(p.b.join(&name)).unwrap(), name.as_bytes());
+    }
+}
+
+#[test]
 fn an_append_reuses_the_chunks_already_here() {
     let p = Pair::new();
     let mut content = bytes(4 << 20, 7);
