@@ -473,10 +473,10 @@ impl Daemon {
         }
         for path in paths {
             // The innermost folder holding the path.
-            let Some(root) = watched
+            let Some((root, rel)) = watched
                 .iter()
-                .filter(|root| path.starts_with(root))
-                .max_by_key(|root| root.as_os_str().len())
+                .filter_map(|root| Some((root, relative_under(root, path)?)))
+                .max_by_key(|(root, _)| root.as_os_str().len())
             else {
                 continue;
             };
@@ -484,7 +484,7 @@ impl Daemon {
                 .changed
                 .entry(root.clone())
                 .or_insert_with(|| Changed::Paths(BTreeSet::new()));
-            match (scan::relative(root, path), &mut *changed) {
+            match (rel, &mut *changed) {
                 (Some(rel), Changed::Paths(paths))
                     if !rel.is_empty() && paths.len() < MAX_CHANGED_PATHS =>
                 {
@@ -493,6 +493,9 @@ impl Daemon {
                 _ => *changed = Changed::Whole,
             }
         }
+        // The waiter needs waking for the first change of a burst only: it
+        // learns of the later ones when it wakes at the end of the first's delay.
+        let first_of_burst = state.events.is_none();
         state.events = Some((state.events.map_or(now, |(first, _)| first), now));
         // Written while the wake state is locked, so that the end of a round
         // (which reads it) cannot overwrite this with an older answer.
@@ -506,7 +509,9 @@ impl Daemon {
             });
         }
         drop(state);
-        condvar.notify_all();
+        if first_of_burst {
+            condvar.notify_all();
+        }
     }
 
     /// Waits for a reason to sync: a peer's news, changes on disk quiet for
@@ -1016,14 +1021,16 @@ fn watch(daemon: &Arc<Daemon>) {
             }
             return;
         }
-        // Latus's own bookkeeping is not a change to sync.
+        // Latus's own bookkeeping is not a change to sync. (Compared as bytes:
+        // this runs for every event, and a path's components are costly to walk.)
         let ours = |p: &PathBuf| {
-            p.components()
-                .any(|c| c.as_os_str() == crate::folder::MARKER_DIR)
-                || p.file_name().is_some_and(|n| {
-                    n.as_encoded_bytes()
-                        .starts_with(crate::folder::TEMP_PREFIX.as_bytes())
-                })
+            let bytes = p.as_os_str().as_encoded_bytes();
+            let mut names = bytes.split(|&b| b == b'/');
+            names.any(|name| name == crate::folder::MARKER_DIR.as_bytes())
+                || bytes
+                    .rsplit(|&b| b == b'/')
+                    .next()
+                    .is_some_and(|name| name.starts_with(crate::folder::TEMP_PREFIX.as_bytes()))
         };
         let changed: Vec<PathBuf> = event.paths.iter().filter(|p| !ours(p)).cloned().collect();
         if !changed.is_empty() || event.need_rescan() {
@@ -1140,6 +1147,21 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
 
 /// `interval` give or take a tenth, so that devices started together do not
 /// all rescan at once.
+/// `path` relative to `root` (`""` for `root` itself) if it is `root` or under
+/// it; `Some(None)` for a name that is not UTF-8. Compared as bytes, which is
+/// enough for the watcher's paths (`root` joined with names) and far cheaper
+/// than walking components for every event.
+fn relative_under(root: &Path, path: &Path) -> Option<Option<String>> {
+    let root = root.as_os_str().as_encoded_bytes();
+    let rest = path.as_os_str().as_encoded_bytes().strip_prefix(root)?;
+    let rest = match rest.strip_prefix(b"/") {
+        Some(rest) => rest,
+        None if rest.is_empty() || root.ends_with(b"/") => rest,
+        None => return None,
+    };
+    Some(std::str::from_utf8(rest).ok().map(str::to_string))
+}
+
 fn jittered(interval: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1516,5 +1538,28 @@ impl XmppEvents for XmppLink {
                 "xmpp: peer {name} has folder {folder} up to {seq}, but is not connected"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watched_paths_are_made_relative_to_their_folder_only() {
+        let root = Path::new("/srv/music");
+        let rel = |p: &str| relative_under(root, Path::new(p));
+        assert_eq!(rel("/srv/music/a/b.mp3"), Some(Some("a/b.mp3".into())));
+        assert_eq!(rel("/srv/music"), Some(Some(String::new())));
+        // A sibling whose name starts like the folder is not in it.
+        assert_eq!(rel("/srv/musical/x"), None);
+        assert_eq!(rel("/srv"), None);
+        let not_utf8 =
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"/srv/music/\xff");
+        assert_eq!(relative_under(root, Path::new(not_utf8)), Some(None));
+        assert_eq!(
+            relative_under(Path::new("/"), Path::new("/x/y")),
+            Some(Some("x/y".into()))
+        );
     }
 }
