@@ -549,7 +549,9 @@ impl<'a> Builder<'a> {
                     built.bytes_local += bytes.len() as u64;
                     bytes
                 }
-                _ => match self.fetch(target, &content, chunk, whole.is_none())? {
+                // The peer checks the bytes against the chunk's hash: a content
+                // of one chunk is verified by it.
+                _ => match self.shared.peer.read_chunk(&target.path, &content, chunk)? {
                     Some(bytes) => {
                         built.bytes_fetched += bytes.len() as u64;
                         bytes
@@ -584,25 +586,6 @@ impl<'a> Builder<'a> {
         }
         finish_file(output, temp, target, target.mode & 0o777)?;
         Ok(Assembled::Done(built))
-    }
-
-    /// `chunk` read from the peer; `None` when it no longer has it. With `check`,
-    /// bytes without the chunk's hash are an error (otherwise the assembled whole
-    /// is checked).
-    fn fetch(
-        &self,
-        target: &Entry,
-        content: &Hash,
-        chunk: &ChunkInfo,
-        check: bool,
-    ) -> Result<Option<Vec<u8>>> {
-        match self.shared.peer.read_chunk(&target.path, content, chunk)? {
-            Some(bytes) if check && Hash::of(&bytes) != chunk.hash => Err(Error::Peer(format!(
-                "{}: the peer sent a chunk that does not match its hash",
-                target.path
-            ))),
-            bytes => Ok(bytes),
-        }
     }
 
     /// The partial file to assemble `content` in, if builds are resumable and no

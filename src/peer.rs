@@ -25,7 +25,8 @@ pub trait Peer: Sync {
     fn chunks_of(&self, content: &Hash) -> Result<Vec<ChunkInfo>>;
     /// The bytes of `chunk`, which it announced as part of `content` at `path`
     /// (where to look first); `None` when it no longer holds them (the file
-    /// changed since it was hashed).
+    /// changed since it was hashed). Bytes returned have the chunk's hash: each
+    /// implementation checks what it read or received (the merger relies on it).
     fn read_chunk(&self, path: &str, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>>;
     /// Several chunks of `content`, each as [`Peer::read_chunk`] would answer.
     /// A network peer asks for all of them before it waits for any.
