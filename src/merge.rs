@@ -1001,34 +1001,46 @@ impl Merger<'_> {
     }
 
     /// Hands out the builds of `actions` (from index `start` of the plan), after
-    /// telling the peer which single-chunk contents they will ask it for.
+    /// telling the peer which single-chunk contents they will ask it for. Those
+    /// it asks for ahead are built on this thread when their turn comes: for a
+    /// file of a few KiB, handing it to a build thread costs more (two thread
+    /// wakeups, and the threads' file creations contending for the directory's
+    /// lock) than writing it here, and waiting for the network is done ahead.
     fn hand_out_all(&mut self, start: usize, actions: &[Action], builds: &mut Builds) {
         if builds.jobs.is_none() {
             return;
         }
-        let wanted: Vec<(&str, Hash, ChunkInfo)> = actions
+        let (indices, wanted): (Vec<usize>, Vec<(&str, Hash, ChunkInfo)>) = actions
             .iter()
-            .filter(|action| matches!(action.op, Op::Replace))
-            .filter_map(|action| {
+            .enumerate()
+            .filter(|(_, action)| matches!(action.op, Op::Replace))
+            .filter_map(|(index, action)| {
                 let target = &action.target;
                 let hash = target.hash.filter(|_| target.kind == Kind::File)?;
                 let len = u32::try_from(target.size).ok()?;
                 (len > 0 && len as usize <= MIN_CHUNK).then_some((
-                    target.path.as_str(),
-                    hash,
-                    ChunkInfo {
+                    index,
+                    (
+                        target.path.as_str(),
                         hash,
-                        offset: 0,
-                        len,
-                    },
+                        ChunkInfo {
+                            hash,
+                            offset: 0,
+                            len,
+                        },
+                    ),
                 ))
             })
-            .collect();
-        if !wanted.is_empty() {
-            self.builder.shared.peer.prefetch(&wanted);
-        }
+            .unzip();
+        let asked = match wanted.is_empty() {
+            true => 0,
+            false => self.builder.shared.peer.prefetch(&wanted),
+        };
+        let built_here: HashSet<usize> = indices.into_iter().take(asked).collect();
         for (offset, action) in actions.iter().enumerate() {
-            self.hand_out(start + offset, action, builds);
+            if !built_here.contains(&offset) {
+                self.hand_out(start + offset, action, builds);
+            }
         }
     }
 

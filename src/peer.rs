@@ -45,7 +45,10 @@ pub trait Peer: Sync {
     /// Chunks the merger will soon ask for with [`Peer::read_chunk`], each with
     /// the path and content it was announced as part of. A network peer asks
     /// for them together, and answers those calls from what comes back.
-    fn prefetch(&self, _wanted: &[(&str, Hash, ChunkInfo)]) {}
+    /// Returns how many of the first of `wanted` it asked for (or had already).
+    fn prefetch(&self, _wanted: &[(&str, Hash, ChunkInfo)]) -> usize {
+        0
+    }
 }
 
 /// Contents whose current holders [`FolderPeer`] remembers: a file of many chunks

@@ -358,8 +358,9 @@ impl Peer for RemoteFolder {
         })
     }
 
-    fn prefetch(&self, wanted_soon: &[(&str, Hash, ChunkInfo)]) {
+    fn prefetch(&self, wanted_soon: &[(&str, Hash, ChunkInfo)]) -> usize {
         let mut asked = Vec::new();
+        let mut covered = 0;
         {
             let mut slots = self.prefetched.slots();
             for (path, content, chunk) in wanted_soon {
@@ -367,6 +368,7 @@ impl Peer for RemoteFolder {
                 if slots.bytes + len > PREFETCH_MAX_BYTES {
                     break;
                 }
+                covered += 1;
                 if slots.by_chunk.contains_key(&chunk.hash) {
                     continue;
                 }
@@ -392,6 +394,7 @@ impl Peer for RemoteFolder {
                 prefetched.settle(&chunks, answers.ok());
             });
         }
+        covered
     }
 }
 
