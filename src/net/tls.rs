@@ -26,8 +26,19 @@ pub const SERVER_NAME: &str = "latus";
 /// peer added while the daemon runs is accepted at its next connection.
 pub type Allowed = Arc<RwLock<HashSet<PeerId>>>;
 
+/// ring's TLS 1.3 suites, AES-128-GCM first: as safe for this use, and about a
+/// quarter less CPU per byte than AES-256-GCM, which every byte synced pays on
+/// both sides.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
