@@ -429,7 +429,7 @@ impl<'a> Builder<'a> {
             let _ = fs::remove_file(temp);
             return Ok(None);
         }
-        finish_file(output, temp, target, target.mode & 0o777)?;
+        finish_file(output, temp, target, file_mode(target))?;
         Ok(Some(Built {
             // The content is this folder's already: so is its chunk list.
             chunks: Vec::new(),
@@ -584,7 +584,7 @@ impl<'a> Builder<'a> {
                 target.path
             )));
         }
-        finish_file(output, temp, target, target.mode & 0o777)?;
+        finish_file(output, temp, target, file_mode(target))?;
         Ok(Assembled::Done(built))
     }
 
@@ -920,7 +920,7 @@ fn create_temp(temp: &Path, target: &Entry) -> Result<File> {
         .read(true) // to check what was copied into it unread
         .write(true)
         .create_new(true)
-        .mode(target.mode & 0o777)
+        .mode(file_mode(target))
         .open(temp)
         .map_err(|e| Error::io(temp, e))
 }
@@ -1032,10 +1032,7 @@ impl Merger<'_> {
                 ))
             })
             .unzip();
-        let asked = match wanted.is_empty() {
-            true => 0,
-            false => self.builder.shared.peer.prefetch(&wanted),
-        };
+        let asked = self.builder.shared.peer.prefetch(&wanted);
         let built_here: HashSet<usize> = indices.into_iter().take(asked).collect();
         for (offset, action) in actions.iter().enumerate() {
             if !built_here.contains(&offset) {
@@ -1387,7 +1384,7 @@ pub(crate) fn copy_hashing(
 /// Sets the finished temp file's mode (unless it was created `created_with`
 /// and the umask left it that) and mtime, after the last write.
 fn finish_file(file: File, temp: &Path, target: &Entry, created_with: u32) -> Result<()> {
-    let mode = target.mode & 0o777;
+    let mode = file_mode(target);
     if umask().is_none_or(|umask| created_with & !umask != mode) {
         file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(|e| Error::io(temp, e))?;
@@ -1398,6 +1395,11 @@ fn finish_file(file: File, temp: &Path, target: &Entry, created_with: u32) -> Re
         return Err(Error::io(temp, std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// The permission bits a file gets: only those travel, never setuid and the like.
+fn file_mode(target: &Entry) -> u32 {
+    target.mode & 0o777
 }
 
 /// This process's umask, read once (Latus never changes it); `None` where
