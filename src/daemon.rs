@@ -1195,9 +1195,8 @@ fn sync_folder(
     // During a folder's first scan peers hear of each committed batch: they
     // sync while a long first scan goes on.
     let announce = Announce {
-        folder: shared.id.clone(),
-        connections: daemon.connections_for(shared),
-        published: Arc::clone(&daemon.published),
+        daemon: Arc::clone(daemon),
+        folder: shared.clone(),
     };
     let scan_options = ScanOptions {
         observer: (before == 0).then(|| Arc::new(announce) as Arc<dyn scan::ScanObserver>),
@@ -1344,18 +1343,18 @@ impl merge::MergeObserver for SyncProgress {
     }
 }
 
-/// Publishes each batch a first scan commits, and tells the peers.
+/// Publishes each batch a first scan commits, and tells the peers connected
+/// then (a peer that connects during the scan too: the scan may start first).
 struct Announce {
-    folder: String,
-    connections: Vec<Arc<Connection>>,
-    published: Published,
+    daemon: Arc<Daemon>,
+    folder: SharedFolder,
 }
 
 impl scan::ScanObserver for Announce {
     fn batch_committed(&self, _entries: usize, last_seq: u64) {
-        publish(&self.published, &self.folder, last_seq);
-        for connection in &self.connections {
-            connection.notify_changed(&self.folder, last_seq);
+        publish(&self.daemon.published, &self.folder.id, last_seq);
+        for connection in self.daemon.connections_for(&self.folder) {
+            connection.notify_changed(&self.folder.id, last_seq);
         }
     }
 }

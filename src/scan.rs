@@ -221,6 +221,47 @@ struct Shared<'a> {
     observer: Option<Arc<dyn ScanObserver>>,
     warnings: Arc<Warnings>,
     counters: Counters,
+    big_files: BigFiles,
+}
+
+/// Files of at least this size are hashed at most one per core at a time.
+const BIG_FILE: u64 = 8 << 20;
+
+/// Hashing a big file is CPU-bound: more of them at once than cores only
+/// interleaves them, so that all finish at the end. One per core finishes them
+/// in turn, and a first scan can show each to peers as soon as it is hashed.
+struct BigFiles {
+    hashing: Mutex<usize>,
+    done: std::sync::Condvar,
+    at_once: usize,
+}
+
+impl BigFiles {
+    fn new() -> Self {
+        BigFiles {
+            hashing: Mutex::new(0),
+            done: std::sync::Condvar::new(),
+            at_once: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+
+    /// Runs `hash` for a file of `size` bytes, in turn if it is big.
+    fn hash<T>(&self, size: u64, hash: impl FnOnce() -> T) -> T {
+        if size < BIG_FILE {
+            return hash();
+        }
+        let lock = || self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hashing = lock();
+        while *hashing >= self.at_once {
+            hashing = self.done.wait(hashing).unwrap_or_else(|p| p.into_inner());
+        }
+        *hashing += 1;
+        drop(hashing);
+        let hashed = hash();
+        *lock() -= 1;
+        self.done.notify_one();
+        hashed
+    }
 }
 
 impl Shared<'_> {
@@ -260,6 +301,7 @@ pub fn scan(
         observer: options.observer.clone(),
         warnings: Arc::default(),
         counters: Counters::default(),
+        big_files: BigFiles::new(),
     };
     let threads = options.hash_threads.max(1);
     let batch_size = options.batch_size.max(1);
@@ -729,7 +771,9 @@ impl Presence {
 fn hash_worker(jobs: Receiver<HashJob>, changes: Sender<(Change, Record)>, shared: &Shared<'_>) {
     let mut hasher = ContentHasher::default();
     for job in jobs {
-        let hashed = match hash_stable_file(&mut hasher, &job, shared) {
+        let hashed = match shared.big_files.hash(job.stat.size, || {
+            hash_stable_file(&mut hasher, &job, shared)
+        }) {
             Ok(Some(hashed)) => hashed,
             Ok(None) => {
                 shared.skip(
@@ -838,6 +882,9 @@ struct Written {
 /// How long a batch of a scan that announces its batches waits at most before
 /// it is committed.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(1);
+/// Bytes of content at which a batch is committed (and announced) whatever
+/// its number of records, when peers hear of each batch.
+const BATCH_MAX_BYTES: u64 = 64 << 20;
 /// Records in the first batch of a scan that announces its batches.
 const FIRST_BATCH: usize = 100;
 
@@ -866,6 +913,7 @@ fn write_changes(
     // also committed once it has waited long enough: a few large files would
     // otherwise reach them only at the end of the scan.
     let mut batch_started: Option<Instant> = None;
+    let mut batch_bytes = 0;
     // And the first such batch is small: peers start on it at once.
     let mut announce_first = shared.observer.is_some();
     loop {
@@ -879,7 +927,7 @@ fn write_changes(
             Ok(next) => next,
             Err(RecvTimeoutError::Timeout) => {
                 commit(&mut batch)?;
-                (batch_started, announce_first) = (None, false);
+                (batch_started, announce_first, batch_bytes) = (None, false, 0);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -890,11 +938,18 @@ fn write_changes(
             Change::Deleted => written.deleted += 1,
             Change::Refreshed => written.refreshed += 1,
         }
+        if let Record::Append { entry, .. } = &record {
+            batch_bytes += entry.size;
+        }
         batch.push(record);
         batch_started.get_or_insert_with(Instant::now);
-        if batch.len() >= batch_size || (announce_first && batch.len() >= FIRST_BATCH) {
+        let announced = shared.observer.is_some();
+        if batch.len() >= batch_size
+            || (announce_first && batch.len() >= FIRST_BATCH)
+            || (announced && batch_bytes >= BATCH_MAX_BYTES)
+        {
             commit(&mut batch)?;
-            (batch_started, announce_first) = (None, false);
+            (batch_started, announce_first, batch_bytes) = (None, false, 0);
         }
     }
     if !batch.is_empty() {

@@ -624,3 +624,33 @@ fn a_scan_that_announces_its_batches_makes_the_first_one_small() {
     assert!(sizes.iter().all(|&n| n <= 1000), "{sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 1250);
 }
+
+/// A scan that announces its batches commits one once it holds 64 MiB of
+/// content, however few its records: peers start on the first big files while
+/// the others are still hashed.
+#[test]
+fn a_scan_that_announces_its_batches_commits_one_that_holds_64_mib() {
+    let mut fx = Fixture::new();
+    for name in ["a.bin", "b.bin", "c.bin"] {
+        write(fx.root(), name, &bytes(33 << 20, name.as_bytes()[0] as u64));
+    }
+    let batches = Arc::new(Batches::default());
+    let s = fx.scan_with(ScanOptions {
+        hash_threads: 1,
+        observer: Some(Arc::clone(&batches) as Arc<dyn ScanObserver>),
+        ..ScanOptions::default()
+    });
+    assert_eq!(s.new, 3);
+    let sizes: Vec<usize> = batches
+        .committed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, n)| *n)
+        .collect();
+    // [2, 1]: 66 MiB after the second file (or smaller, if a batch waited a
+    // second on a slow machine).
+    assert!(sizes.len() >= 2 && sizes[0] <= 2, "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 3);
+    fx.assert_history_matches_disk();
+}
