@@ -580,6 +580,7 @@ fn serve(
         watch_delay: seconds(watch_delay, "--watch-delay")?,
         sync: SyncOptions {
             allow_mass_delete,
+            scan: scan_options(&config, None, None)?,
             ..sync_options(&config)
         },
     };

@@ -771,3 +771,49 @@ async fn a_chunk_the_disk_no_longer_holds_is_not_served_and_the_folder_is_rescan
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A first scan shows each batch it commits to the peers connected at that
+/// moment, including one that connected after the scan began: it syncs while
+/// the scan goes on. (The daemon also honours the `[scan]` read limit of
+/// `config.toml`, which makes this scan last seconds.)
+#[test]
+fn a_peer_that_connects_during_a_first_scan_syncs_before_the_scan_ends() {
+    let (mut a, mut b) = (Device::new(), Device::new());
+    // 4 files read at 0.5 MB/s: a scan of about 3.2 s.
+    for name in ["a.bin", "b.bin", "c.bin", "d.bin"] {
+        write(&a.folder, name, &bytes(400_000, name.as_bytes()[0] as u64));
+    }
+    fs::write(a.home.join("config.toml"), "[scan]\nmax_read_mbps = 0.5\n").unwrap();
+    a.trust(&b, None);
+    let addr = a.start();
+    b.trust(&a, Some(&addr));
+    b.start();
+    let scanning = |a: &Device| a.status()["status"]["folders"][0]["state"] == "scanning";
+    assert!(
+        scanning(&a),
+        "A's first scan was over before B started: {}",
+        a.status()
+    );
+    let start = Instant::now();
+    let synced = loop {
+        let synced: Vec<String> = ["a.bin", "b.bin", "c.bin", "d.bin"]
+            .into_iter()
+            .filter(|name| {
+                fs::read(b.folder.join(name))
+                    .is_ok_and(|got| got == bytes(400_000, name.as_bytes()[0] as u64))
+            })
+            .map(String::from)
+            .collect();
+        if !synced.is_empty() || start.elapsed() > WAIT {
+            break synced;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        !synced.is_empty() && scanning(&a),
+        "B had {synced:?} once A's scan was over:\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    wait_same(&a, &b);
+}
