@@ -1145,8 +1145,6 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
     }
 }
 
-/// `interval` give or take a tenth, so that devices started together do not
-/// all rescan at once.
 /// `path` relative to `root` (`""` for `root` itself) if it is `root` or under
 /// it; `Some(None)` for a name that is not UTF-8. Compared as bytes, which is
 /// enough for the watcher's paths (`root` joined with names) and far cheaper
@@ -1162,6 +1160,8 @@ fn relative_under(root: &Path, path: &Path) -> Option<Option<String>> {
     Some(std::str::from_utf8(rest).ok().map(str::to_string))
 }
 
+/// `interval` give or take a tenth, so that devices started together do not
+/// all rescan at once.
 fn jittered(interval: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
