@@ -568,6 +568,18 @@ impl ScanObserver for Batches {
     }
 }
 
+impl Batches {
+    /// The records of each batch committed, in order.
+    fn sizes(&self) -> Vec<usize> {
+        self.committed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, n)| *n)
+            .collect()
+    }
+}
+
 /// Peers hear of a slow scan's first files before it ends, even when they are
 /// too few to fill a batch: a batch is committed once it has waited a second.
 #[test]
@@ -612,13 +624,7 @@ fn a_scan_that_announces_its_batches_makes_the_first_one_small() {
         ..ScanOptions::default()
     });
     assert_eq!(s.new, 1250);
-    let sizes: Vec<usize> = batches
-        .committed
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, n)| *n)
-        .collect();
+    let sizes = batches.sizes();
     // [100, 1000, 150], unless a batch waited a second on a slow machine.
     assert_eq!(sizes.first(), Some(&100), "{sizes:?}");
     assert!(sizes.iter().all(|&n| n <= 1000), "{sizes:?}");
@@ -641,13 +647,7 @@ fn a_scan_that_announces_its_batches_commits_one_that_holds_64_mib() {
         ..ScanOptions::default()
     });
     assert_eq!(s.new, 3);
-    let sizes: Vec<usize> = batches
-        .committed
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, n)| *n)
-        .collect();
+    let sizes = batches.sizes();
     // [2, 1]: 66 MiB after the second file (or smaller, if a batch waited a
     // second on a slow machine).
     assert!(sizes.len() >= 2 && sizes[0] <= 2, "{sizes:?}");
