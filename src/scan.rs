@@ -910,17 +910,16 @@ fn write_changes(
         Ok(())
     };
     // When someone hears of each batch (peers, during a first scan), a batch is
-    // also committed once it has waited long enough: a few large files would
-    // otherwise reach them only at the end of the scan.
+    // also committed once it has waited long enough or holds enough content: a
+    // few large files would otherwise reach them only at the end of the scan.
+    let announced = shared.observer.is_some();
     let mut batch_started: Option<Instant> = None;
     let mut batch_bytes = 0;
     // And the first such batch is small: peers start on it at once.
-    let mut announce_first = shared.observer.is_some();
+    let mut announce_first = announced;
     loop {
         let next = match batch_started {
-            Some(started) if shared.observer.is_some() => {
-                changes.recv_deadline(started + BATCH_MAX_WAIT)
-            }
+            Some(started) if announced => changes.recv_deadline(started + BATCH_MAX_WAIT),
             _ => changes.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         let (change, record) = match next {
@@ -943,7 +942,6 @@ fn write_changes(
         }
         batch.push(record);
         batch_started.get_or_insert_with(Instant::now);
-        let announced = shared.observer.is_some();
         if batch.len() >= batch_size
             || (announce_first && batch.len() >= FIRST_BATCH)
             || (announced && batch_bytes >= BATCH_MAX_BYTES)
