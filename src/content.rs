@@ -1,8 +1,10 @@
 //! File content: content-defined chunking (FastCDC) and BLAKE3 hashes.
 //!
-//! A file's hash is the BLAKE3 of its whole content; each chunk has the BLAKE3 of
-//! its bytes. Chunk boundaries depend only on content, so an insertion moves only
-//! the chunks around it.
+//! Each chunk has the BLAKE3 of its bytes. A file's hash is the BLAKE3 of its chunk
+//! list (see [`content_hash`]), so a file is hashed once, chunk by chunk, and a
+//! receiver that verified every chunk checks the whole without reading it again.
+//! Chunk boundaries depend only on content, so an insertion moves only the chunks
+//! around it.
 
 use std::fmt;
 use std::io::{self, Read};
@@ -59,6 +61,32 @@ pub struct ChunkInfo {
     pub len: u32,
 }
 
+/// Domain of multi-chunk content hashes: no list of chunk hashes hashes to what
+/// some one-chunk content (the same bytes) hashes to.
+const CHUNK_LIST_CONTEXT: &str = "latus 2026-11-29 file content from its chunk hashes";
+
+/// The hash of the content cut into `chunks` (in order, covering it): the chunk's
+/// own hash for a content of one chunk, BLAKE3 of nothing for an empty one, else
+/// BLAKE3 (in its key-derivation mode, a domain of its own) of the chunk hashes.
+/// Chunk hashes fix their bytes, so this fixes the whole content as BLAKE3 of the
+/// bytes would.
+pub fn content_hash(chunks: &[ChunkInfo]) -> Hash {
+    match chunks {
+        [] => Hash::of(b""),
+        [only] => only.hash,
+        _ => chunk_list_hash(chunks.iter().map(|chunk| chunk.hash)),
+    }
+}
+
+/// The hash of a content of several chunks, from their hashes in order.
+pub fn chunk_list_hash(chunk_hashes: impl IntoIterator<Item = Hash>) -> Hash {
+    let mut list = blake3::Hasher::new_derive_key(CHUNK_LIST_CONTEXT);
+    for hash in chunk_hashes {
+        list.update(&hash.0);
+    }
+    Hash(*list.finalize().as_bytes())
+}
+
 /// What hashing a file's content gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HashedContent {
@@ -89,13 +117,11 @@ impl ContentHasher {
         source: &mut impl Read,
         mut on_read: impl FnMut(usize),
     ) -> io::Result<HashedContent> {
-        let mut whole = blake3::Hasher::new();
         let mut chunks = Vec::new();
         let mut filled = 0;
         let mut buf_offset = 0u64; // file offset of buf[0]
         let mut eof = false;
         loop {
-            let fresh_from = filled;
             while filled < self.buf.len() && !eof {
                 match source.read(&mut self.buf[filled..]) {
                     Ok(0) => eof = true,
@@ -107,31 +133,13 @@ impl ContentHasher {
                     Err(e) => return Err(e),
                 }
             }
-            let data = &self.buf[..filled];
-            let consumed = if eof && buf_offset == 0 {
-                // The whole file is in the buffer: if it is one chunk, that chunk's
-                // hash is the file's hash and the bytes are hashed once.
-                let consumed = cut_chunks(data, buf_offset, eof, &mut chunks);
-                if chunks.len() != 1 {
-                    whole.update(data);
-                }
-                consumed
-            } else {
-                // A large file: the whole-file hash of the bytes just read runs on a
-                // second core beside the chunking, so one big file uses both cores.
-                let fresh = &data[fresh_from..];
-                std::thread::scope(|scope| {
-                    scope.spawn(|| whole.update(fresh));
-                    cut_chunks(data, buf_offset, eof, &mut chunks)
-                })
-            };
+            let consumed = cut_chunks(&self.buf[..filled], buf_offset, eof, &mut chunks);
             if eof {
-                let size = buf_offset + filled as u64;
-                let hash = match chunks.as_slice() {
-                    [only] if only.len as u64 == size => only.hash,
-                    _ => Hash(*whole.finalize().as_bytes()),
-                };
-                return Ok(HashedContent { hash, size, chunks });
+                return Ok(HashedContent {
+                    hash: content_hash(&chunks),
+                    size: buf_offset + filled as u64,
+                    chunks,
+                });
             }
             self.buf.copy_within(consumed..filled, 0);
             filled -= consumed;
@@ -190,11 +198,7 @@ mod tests {
 
     fn check_invariants(data: &[u8], hashed: &HashedContent) {
         assert_eq!(hashed.size, data.len() as u64);
-        assert_eq!(
-            hashed.hash,
-            Hash::of(data),
-            "file hash is the BLAKE3 of the whole"
-        );
+        assert_eq!(hashed.hash, content_hash(&hashed.chunks));
         let mut next = 0u64;
         for (i, c) in hashed.chunks.iter().enumerate() {
             assert_eq!(c.offset, next, "chunks are contiguous");
@@ -226,6 +230,22 @@ mod tests {
             assert_eq!(hashed.chunks.len(), 1);
             assert_eq!(hashed.hash, hashed.chunks[0].hash);
         }
+    }
+
+    #[test]
+    fn a_chunk_list_hashes_apart_from_any_content_of_one_chunk() {
+        let data = pseudo_random(1 << 20, 3);
+        let hashed = ContentHasher::default()
+            .hash_reader(&mut &data[..], |_| {})
+            .unwrap();
+        assert!(hashed.chunks.len() > 2);
+        // The chunk hashes side by side are a content of one chunk (a few KiB).
+        let listed: Vec<u8> = hashed.chunks.iter().flat_map(|c| c.hash.0).collect();
+        assert_ne!(hashed.hash, Hash::of(&listed));
+        assert_ne!(hashed.hash, Hash::of(&data));
+        let mut reordered = hashed.chunks.clone();
+        reordered.swap(0, 1);
+        assert_ne!(content_hash(&reordered), hashed.hash);
     }
 
     #[test]

@@ -839,7 +839,7 @@ impl RequestHandler for Daemon {
                         chunk,
                     } in wanted
                     {
-                        let bytes = source.read_chunk(&path, &Hash(content), &chunk.checked()?)?;
+                        let bytes = source.serve_chunk(&path, &Hash(content), &chunk.checked()?)?;
                         if bytes.is_none() {
                             // The history says this folder holds the content; the
                             // disk does not. A change the watcher missed (or has

@@ -13,7 +13,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, params};
 use serde::Serialize;
 
-use crate::content::{ChunkInfo, Hash};
+use crate::content::{ChunkInfo, Hash, chunk_list_hash};
 use crate::device::PeerId;
 use crate::error::{Error, Result};
 
@@ -112,9 +112,55 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE remote_peers ADD COLUMN identical_seq INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE remote_peers ADD COLUMN identical_remote_seq INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+    -- A content of several chunks is now hashed from its chunk list: this step's
+    -- transaction also rewrites the hashes of the lists stored here (see
+    -- `rehash_chunk_lists`). The peers' histories, whose lists are not all here,
+    -- are received again, with the peers' new hashes.
+    DELETE FROM remote_entries;
+    UPDATE remote_peers SET last_seq = 0, identical_seq = 0, identical_remote_seq = 0;
+"#,
 ];
 
+/// The step of [`MIGRATIONS`] after which [`rehash_chunk_lists`] runs.
+const REHASH_STEP: usize = 4;
+
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Gives every stored content of several chunks its hash from its chunk list
+/// ([`crate::content::content_hash`]), where the file's and the device copies' entries name it.
+/// A content of one chunk keeps its hash: it was already its chunk's.
+fn rehash_chunk_lists(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
+    let mut lists: Vec<(Vec<u8>, Vec<Hash>)> = Vec::new();
+    {
+        let mut rows =
+            tx.prepare("SELECT content, chunk FROM content_chunks ORDER BY content, idx")?;
+        let mut rows = rows.query([])?;
+        while let Some(row) = rows.next()? {
+            let content: Vec<u8> = row.get(0)?;
+            let chunk: Vec<u8> = row.get(1)?;
+            let Some(chunk) = Hash::from_slice(&chunk) else {
+                continue;
+            };
+            match lists.last_mut() {
+                Some((last, chunks)) if *last == content => chunks.push(chunk),
+                _ => lists.push((content, vec![chunk])),
+            }
+        }
+    }
+    for table in [
+        "UPDATE content_chunks SET content = ?2 WHERE content = ?1",
+        "UPDATE entries SET hash = ?2 WHERE hash = ?1",
+        "UPDATE device_files SET hash = ?2 WHERE hash = ?1",
+    ] {
+        let mut update = tx.prepare(table)?;
+        for (old, chunks) in lists.iter().filter(|(_, chunks)| chunks.len() > 1) {
+            let new = chunk_list_hash(chunks.iter().copied());
+            update.execute(params![old, &new.0[..]])?;
+        }
+    }
+    Ok(())
+}
 
 const ENTRY_COLUMNS: &str = "seq, path, kind, size, mtime_ns, mode, inode, ctime_ns, hash, \
      link_target, peerid, author_peerid, author_utime_ns, utime_ns";
@@ -374,6 +420,10 @@ impl HistoryStore {
                 .transaction()
                 .map_err(|e| classify(&self.path, e))?;
             tx.execute_batch(step)
+                .and_then(|()| match index {
+                    REHASH_STEP => rehash_chunk_lists(&tx),
+                    _ => Ok(()),
+                })
                 .and_then(|()| tx.pragma_update(None, "user_version", index as i64 + 1))
                 .and_then(|()| tx.commit())
                 .map_err(|e| classify(&self.path, e))?;
@@ -1203,6 +1253,64 @@ mod tests {
         assert!(err.to_string().contains("no space left"), "{err}");
         assert_eq!(store.last_seq().unwrap(), 1);
         assert!(store.latest_by_path("kept").unwrap().is_some());
+    }
+
+    #[test]
+    fn an_older_history_gets_the_chunk_list_hashes_of_its_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let mut store = HistoryStore::open(&path).unwrap();
+        let chunk = |bytes: &[u8], offset: u64| ChunkInfo {
+            hash: Hash::of(bytes),
+            offset,
+            len: bytes.len() as u32,
+        };
+        let list = vec![chunk(b"first", 0), chunk(b"second", 5)];
+        // As the schema before REHASH_STEP recorded them: BLAKE3 of the whole.
+        store
+            .write_batch(&[
+                Record::Append {
+                    entry: entry("two", Kind::File, b"firstsecond"),
+                    chunks: list.clone(),
+                },
+                Record::Append {
+                    entry: entry("one", Kind::File, b"single"),
+                    chunks: Vec::new(),
+                },
+            ])
+            .unwrap();
+        let peer = PeerId([9; 32]);
+        let theirs = Entry {
+            seq: 1,
+            ..entry("two", Kind::File, b"firstsecond")
+        };
+        store.store_remote(&peer, &[theirs], 1, None).unwrap();
+        store
+            .conn
+            .pragma_update(None, "user_version", REHASH_STEP as i64)
+            .unwrap();
+        drop(store);
+
+        let store = HistoryStore::open(&path).unwrap();
+        let rehashed = chunk_list_hash(list.iter().map(|c| c.hash));
+        assert_eq!(
+            store.latest_by_path("two").unwrap().unwrap().hash,
+            Some(rehashed)
+        );
+        assert_eq!(store.chunks_of(&rehashed).unwrap(), list);
+        assert!(
+            store
+                .chunks_of(&Hash::of(b"firstsecond"))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.latest_by_path("one").unwrap().unwrap().hash,
+            Some(Hash::of(b"single"))
+        );
+        // The peer's history, hashed the old way, is asked for again from its start.
+        assert!(store.remote_latest_all(&peer).unwrap().is_empty());
+        assert_eq!(store.remote_state(&peer).unwrap().map(|s| s.0), Some(0));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::content::{ChunkInfo, Hash, MIN_CHUNK};
+use crate::content::{ChunkInfo, ContentHasher, Hash, MIN_CHUNK, content_hash};
 use crate::device::PeerId;
 use crate::diff::{self, Action, ConflictCopy, Op, Plan};
 use crate::error::{Error, Result};
@@ -472,6 +472,14 @@ impl<'a> Builder<'a> {
         if expected_offset != target.size {
             return Err(Error::Peer(format!("{}: a bad chunk list", target.path)));
         }
+        // With the list bound to the content, verified chunks make the content:
+        // the assembled file need not be read again.
+        if content_hash(&chunks) != content {
+            return Err(Error::Peer(format!(
+                "{}: a chunk list that does not make the content",
+                target.path
+            )));
+        }
         // A content of one chunk has nothing to resume: it is fetched whole.
         if let Some(partial) = (chunks.len() > 1)
             .then(|| self.claim_partial(content))
@@ -508,9 +516,10 @@ impl<'a> Builder<'a> {
         Ok(None)
     }
 
-    /// Writes `chunks` into `temp` and checks the whole against `content`. With
-    /// `ranges`, runs of chunks held by a local file are copied file to file
-    /// without being read; otherwise each local chunk is read and verified.
+    /// Writes `chunks` (a list that makes `content`) into `temp`, each chunk
+    /// checked against its hash. With `ranges`, runs of chunks held by a local
+    /// file are copied file to file unread and checked in `temp` afterwards;
+    /// otherwise each local chunk is checked as it is read.
     fn assemble(
         &mut self,
         target: &Entry,
@@ -523,13 +532,13 @@ impl<'a> Builder<'a> {
         let mut built = Built::default();
         let mut sources = LocalSources::default();
         let mut run: Option<LocalRun> = None;
-        // A content of several chunks is checked whole once it is assembled; a
-        // content of one chunk is checked as that chunk.
-        let mut whole = (chunks.len() > 1).then(blake3::Hasher::new);
+        // Chunks copied file to file unread, checked once the copies are done.
+        let mut copied_unread = Vec::new();
         for chunk in chunks {
             if ranges {
                 if let Some(next) = self.local_range(chunk, run.as_ref(), &mut sources)? {
                     built.bytes_local += u64::from(chunk.len);
+                    copied_unread.push(*chunk);
                     match &mut run {
                         Some(current) if current.continues_with(&next) => current.len += next.len,
                         _ => {
@@ -544,13 +553,13 @@ impl<'a> Builder<'a> {
                     done.copy(&sources, &output, temp)?;
                 }
             }
+            // Bytes read here have the chunk's hash: local ones are checked as
+            // they are read, and the peer checks those it returns.
             let bytes = match (!ranges).then(|| self.local_chunk(chunk)).transpose()? {
                 Some(Some(bytes)) => {
                     built.bytes_local += bytes.len() as u64;
                     bytes
                 }
-                // The peer checks the bytes against the chunk's hash: a content
-                // of one chunk is verified by it.
                 _ => match self.shared.peer.read_chunk(&target.path, &content, chunk)? {
                     Some(bytes) => {
                         built.bytes_fetched += bytes.len() as u64;
@@ -559,9 +568,6 @@ impl<'a> Builder<'a> {
                     None => return Ok(Assembled::Unavailable),
                 },
             };
-            if let Some(hasher) = &mut whole {
-                hasher.update(&bytes);
-            }
             output
                 .write_all_at(&bytes, chunk.offset)
                 .map_err(|e| Error::io(temp, e))?;
@@ -569,20 +575,8 @@ impl<'a> Builder<'a> {
         if let Some(done) = run.take() {
             done.copy(&sources, &output, temp)?;
         }
-        let copied_unread = ranges && built.bytes_local > 0;
-        let matches = if copied_unread {
-            hash_file(&output, temp)? == content
-        } else {
-            whole.is_none_or(|hasher| Hash(*hasher.finalize().as_bytes()) == content)
-        };
-        if !matches {
-            if copied_unread {
-                return Ok(Assembled::LocalChanged);
-            }
-            return Err(Error::Peer(format!(
-                "{}: the assembled file does not match its hash",
-                target.path
-            )));
+        if !chunks_match(&output, temp, &copied_unread)? {
+            return Ok(Assembled::LocalChanged);
         }
         finish_file(output, temp, target, file_mode(target))?;
         Ok(Assembled::Done(built))
@@ -606,8 +600,7 @@ impl<'a> Builder<'a> {
 
     /// Assembles the target in `partial`, keeping the chunks an earlier build
     /// left there (each checked against its hash); `None` when the peer no longer
-    /// has some chunk (the partial file stays for the next try). The whole
-    /// content is hashed as it is assembled, in order, not read back.
+    /// has some chunk (the partial file stays for the next try).
     fn assemble_resumable(
         &mut self,
         target: &Entry,
@@ -625,7 +618,6 @@ impl<'a> Builder<'a> {
             .map_err(|e| Error::io(partial, e))?;
         let mut built = Built::default();
         let mut buffer = Vec::new();
-        let mut whole = blake3::Hasher::new();
         let write = |bytes: &[u8], chunk: &ChunkInfo| {
             output
                 .write_all_at(bytes, chunk.offset)
@@ -633,7 +625,7 @@ impl<'a> Builder<'a> {
         };
         for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
             // Each chunk's bytes once placed: `None` for those already in the
-            // partial file (read again for the whole hash, from the page cache).
+            // partial file.
             let mut placed: Vec<Option<Vec<u8>>> = Vec::with_capacity(window.len());
             let mut missing = Vec::new();
             for chunk in window {
@@ -686,32 +678,14 @@ impl<'a> Builder<'a> {
                 }
             }
             for (chunk, bytes) in window.iter().zip(placed) {
-                match bytes {
-                    Some(bytes) => {
-                        whole.update(&bytes);
-                        write(&bytes, chunk)?;
-                    }
-                    None => {
-                        buffer.resize(chunk.len as usize, 0);
-                        output
-                            .read_exact_at(&mut buffer, chunk.offset)
-                            .map_err(|e| Error::io(partial, e))?;
-                        whole.update(&buffer);
-                    }
+                if let Some(bytes) = bytes {
+                    write(&bytes, chunk)?;
                 }
             }
         }
         output
             .set_len(target.size)
             .map_err(|e| Error::io(partial, e))?;
-        // A chunk list or bytes that do not make the content: nothing of it is kept.
-        if Hash(*whole.finalize().as_bytes()) != content {
-            let _ = fs::remove_file(partial);
-            return Err(Error::Peer(format!(
-                "{}: the assembled file does not match its hash",
-                target.path
-            )));
-        }
         finish_file(output, partial, target, PARTIAL_MODE)?;
         Ok(Some(built))
     }
@@ -895,20 +869,40 @@ fn copy_range_by_reading(
     Ok(())
 }
 
-/// The BLAKE3 hash of a whole file, read from its start.
+/// The content hash of a whole file, read from its start.
 fn hash_file(file: &File, path: &Path) -> Result<Hash> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buffer = vec![0; COPY_BUFFER];
-    let mut offset = 0;
-    loop {
-        let n = file
-            .read_at(&mut buffer, offset)
+    let mut reader = ReadFrom { file, offset: 0 };
+    ContentHasher::default()
+        .hash_reader(&mut reader, |_| {})
+        .map(|hashed| hashed.hash)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Whether each of `chunks` in `file` has its hash.
+fn chunks_match(file: &File, path: &Path, chunks: &[ChunkInfo]) -> Result<bool> {
+    let mut buffer = Vec::new();
+    for chunk in chunks {
+        buffer.resize(chunk.len as usize, 0);
+        file.read_exact_at(&mut buffer, chunk.offset)
             .map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            return Ok(Hash(*hasher.finalize().as_bytes()));
+        if Hash::of(&buffer) != chunk.hash {
+            return Ok(false);
         }
-        hasher.update(&buffer[..n]);
-        offset += n as u64;
+    }
+    Ok(true)
+}
+
+/// Reads a file from `offset` on without moving its cursor.
+struct ReadFrom<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for ReadFrom<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
     }
 }
 
@@ -1357,28 +1351,45 @@ impl Merger<'_> {
     }
 }
 
-/// Copies `input` to its end into `output`; returns the bytes copied and their hash.
+/// Copies `input` to its end into `output`; returns the bytes copied and their
+/// content hash.
 pub(crate) fn copy_hashing(
     input: &mut File,
     from: &Path,
     output: &mut File,
     to: &Path,
 ) -> Result<(u64, Hash)> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buffer = vec![0; COPY_BUFFER];
-    let mut copied = 0u64;
-    loop {
-        let n = input.read(&mut buffer).map_err(|e| Error::io(from, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        output
-            .write_all(&buffer[..n])
-            .map_err(|e| Error::io(to, e))?;
-        copied += n as u64;
+    let mut tee = Tee {
+        input,
+        output,
+        write_error: None,
+    };
+    match ContentHasher::default().hash_reader(&mut tee, |_| {}) {
+        Ok(hashed) => Ok((hashed.size, hashed.hash)),
+        Err(e) => Err(match tee.write_error.take() {
+            Some(write_error) => Error::io(to, write_error),
+            None => Error::io(from, e),
+        }),
     }
-    Ok((copied, Hash(*hasher.finalize().as_bytes())))
+}
+
+/// Writes to `output` what is read from `input`; a failed write fails the read
+/// and is kept in `write_error`, to be told apart from a failed read.
+struct Tee<'a> {
+    input: &'a mut File,
+    output: &'a mut File,
+    write_error: Option<std::io::Error>,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.input.read(buf)?;
+        if let Err(e) = self.output.write_all(&buf[..n]) {
+            self.write_error = Some(e);
+            return Err(std::io::Error::other("the copy could not be written"));
+        }
+        Ok(n)
+    }
 }
 
 /// Sets the finished temp file's mode (unless it was created `created_with`

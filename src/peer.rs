@@ -14,6 +14,7 @@ use crate::device::PeerId;
 use crate::error::{Error, Result};
 use crate::folder::{Folder, check_relative};
 use crate::history::{Entry, HistoryStore, Kind};
+use crate::scan::UNVERIFIED_CTIME;
 
 /// `Sync`: the merger builds several files at once, each asking for chunks.
 pub trait Peer: Sync {
@@ -143,20 +144,61 @@ impl Peer for FolderPeer {
         if let Some(bytes) = self.read_at(path, chunk)? {
             return Ok(Some(bytes));
         }
-        // Then any current file with that content; then any file holding the chunk.
-        for entry in self.holders_of(content)? {
-            if let Some(bytes) = read_verified(&self.root, &entry, chunk.offset, chunk)? {
+        self.read_from_history(path, content, chunk, ReadCheck::Hash)
+    }
+}
+
+impl FolderPeer {
+    /// The bytes of `chunk` for a network peer, which checks every chunk it
+    /// receives against its hash: a file still as it was when hashed is read
+    /// without hashing it again (see [`ReadCheck::StatOrHash`]).
+    pub fn serve_chunk(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunk: &ChunkInfo,
+    ) -> Result<Option<Vec<u8>>> {
+        self.read_from_history(path, content, chunk, ReadCheck::StatOrHash)
+    }
+
+    /// `chunk` from a current file with `content` (the one at `path` first), else
+    /// from any file the history says holds it.
+    fn read_from_history(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunk: &ChunkInfo,
+        check: ReadCheck,
+    ) -> Result<Option<Vec<u8>>> {
+        let mut holders = self.holders_of(content)?;
+        if let Some(at_path) = holders.iter().position(|e| e.path == path) {
+            holders.swap(0, at_path);
+        }
+        for entry in holders {
+            if let Some(bytes) = read_checked(&self.root, &entry, chunk.offset, chunk, check)? {
                 return Ok(Some(bytes));
             }
         }
         let elsewhere = self.store().chunk_locations(&chunk.hash)?;
         for (entry, offset) in elsewhere {
-            if let Some(bytes) = read_verified(&self.root, &entry, offset, chunk)? {
+            if let Some(bytes) = read_checked(&self.root, &entry, offset, chunk, check)? {
                 return Ok(Some(bytes));
             }
         }
         Ok(None)
     }
+}
+
+/// How a chunk read from a file the history describes is checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadCheck {
+    /// Its bytes are hashed.
+    Hash,
+    /// Its bytes are hashed unless the file's size, mtime, inode and ctime are
+    /// still those recorded when it was hashed, before and after the read: the
+    /// scanner's own test of an unchanged file. A file recorded racily (see
+    /// `scan::RACY_WINDOW_NS`) is always hashed.
+    StatOrHash,
 }
 
 /// Reads `chunk` at `offset` of the file `entry` describes, if the file still is
@@ -166,6 +208,16 @@ pub(crate) fn read_verified(
     entry: &Entry,
     offset: u64,
     chunk: &ChunkInfo,
+) -> Result<Option<Vec<u8>>> {
+    read_checked(root, entry, offset, chunk, ReadCheck::Hash)
+}
+
+fn read_checked(
+    root: &Path,
+    entry: &Entry,
+    offset: u64,
+    chunk: &ChunkInfo,
+    check: ReadCheck,
 ) -> Result<Option<Vec<u8>>> {
     if entry.kind != Kind::File {
         return Ok(None);
@@ -180,9 +232,20 @@ pub(crate) fn read_verified(
         Err(e) if is_gone(&e) => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
-    let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
-    let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-    if !meta.is_file() || meta.size() != entry.size || mtime_ns != entry.mtime_ns {
+    let stat = |file: &File| -> Result<(u64, i64, u64, i64)> {
+        let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
+        if !meta.is_file() {
+            return Ok((u64::MAX, 0, 0, 0));
+        }
+        Ok((
+            meta.size(),
+            meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            meta.ino(),
+            meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        ))
+    };
+    let before = stat(&file)?;
+    if (before.0, before.1) != (entry.size, entry.mtime_ns) {
         return Ok(None);
     }
     let mut bytes = vec![0; chunk.len as usize];
@@ -190,6 +253,16 @@ pub(crate) fn read_verified(
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
+    }
+    let recorded = (entry.size, entry.mtime_ns, entry.inode, entry.ctime_ns);
+    // A write moves the file's mtime and ctime before its bytes change, so bytes
+    // read between two matching stats are those that were hashed.
+    if check == ReadCheck::StatOrHash
+        && entry.ctime_ns != UNVERIFIED_CTIME
+        && before == recorded
+        && stat(&file)? == recorded
+    {
+        return Ok(Some(bytes));
     }
     Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes))
 }

@@ -35,7 +35,7 @@ const HASH_ATTEMPTS: usize = 3;
 /// clean" problem; FAT's mtime tick is 2 s). Such a file is recorded with
 /// [`UNVERIFIED_CTIME`], so the next scan reads it again instead of trusting its stat.
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
-const UNVERIFIED_CTIME: i64 = 0;
+pub(crate) const UNVERIFIED_CTIME: i64 = 0;
 
 /// Hooks into a running scan, called from its threads.
 pub trait ScanObserver: Send + Sync {

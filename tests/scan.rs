@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{backdate, bytes, current, disk_state, recorded_state, write};
+use common::{backdate, bytes, content_hash, current, disk_state, recorded_state, write};
 use latus::content::Hash;
 use latus::device::PeerId;
 use latus::folder::Folder;
 use latus::history::{HistoryStore, Kind};
+use latus::peer::{FolderPeer, Peer};
 use latus::scan::{ScanObserver, ScanOptions, ScanSummary, scan};
 
 const DEVICE: PeerId = PeerId([1; 32]);
@@ -97,7 +98,7 @@ fn first_scan_records_every_entry_exactly() {
     assert_eq!(entries["dir/sub"].kind, Kind::Dir);
 
     // The big file's chunk list covers it, within the chunk bounds.
-    let chunks = fx.store.chunks_of(&Hash::of(&big)).unwrap();
+    let chunks = fx.store.chunks_of(&content_hash(&big)).unwrap();
     assert!(chunks.len() >= 12, "{} chunks", chunks.len());
     assert_eq!(
         chunks.iter().map(|c| c.len as u64).sum::<u64>(),
@@ -391,7 +392,7 @@ fn a_file_modified_while_hashed_is_read_again() {
     })));
     assert_eq!((s.new, s.skipped), (1, 0), "{:?}", s.warnings);
     let entry = fx.store.latest_by_path("growing.bin").unwrap().unwrap();
-    assert_eq!(entry.hash, Some(Hash::of(&final_content)));
+    assert_eq!(entry.hash, Some(content_hash(&final_content)));
     assert_eq!(entry.size, final_content.len() as u64);
     assert!(s.bytes_hashed > final_content.len() as u64, "read twice");
 }
@@ -653,4 +654,51 @@ fn a_scan_that_announces_its_batches_commits_one_that_holds_64_mib() {
     assert!(sizes.len() >= 2 && sizes[0] <= 2, "{sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 3);
     fx.assert_history_matches_disk();
+}
+
+#[test]
+fn a_chunk_is_served_unhashed_only_while_its_file_keeps_the_stat_it_was_hashed_with() {
+    let mut fx = Fixture::new();
+    let content = bytes(300_000, 5);
+    write(fx.root(), "f.bin", &content);
+    backdate(fx.root());
+    fx.scan();
+    let recorded = fx.store.latest_by_path("f.bin").unwrap().unwrap();
+    assert_ne!(
+        recorded.ctime_ns, 0,
+        "hashed a minute after its mtime: not racy"
+    );
+    let chunks = fx.store.chunks_of(&recorded.hash.unwrap()).unwrap();
+    assert!(chunks.len() > 1);
+    let source = FolderPeer::open(&fx.folder).unwrap();
+    let serve = |source: &FolderPeer| {
+        source
+            .serve_chunk("f.bin", &recorded.hash.unwrap(), &chunks[1])
+            .unwrap()
+    };
+    let range = chunks[1].offset as usize..(chunks[1].offset + u64::from(chunks[1].len)) as usize;
+    assert_eq!(serve(&source).as_deref(), Some(&content[range.clone()]));
+
+    // Rewritten in place with its size and mtime put back: only its ctime tells,
+    // and the source then hashes what it read.
+    let mut changed = content.clone();
+    changed[range.clone()].fill(0xAB);
+    let mtime = fs::metadata(fx.root().join("f.bin"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    fs::write(fx.root().join("f.bin"), &changed).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(fx.root().join("f.bin"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(serve(&source), None);
+    assert_eq!(
+        source
+            .read_chunk("f.bin", &recorded.hash.unwrap(), &chunks[1])
+            .unwrap(),
+        None
+    );
 }

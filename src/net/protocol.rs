@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 use crate::folder::check_relative;
 use crate::history::{Entry, Kind};
 
-/// 2: chunks are asked for in batches.
-pub const VERSION: u32 = 2;
+/// 2: chunks are asked for in batches. 3: a content of several chunks is hashed
+/// from its chunk list (`content::content_hash`), so hashes differ from 2's.
+pub const VERSION: u32 = 3;
 /// Bytes of one frame at most: a chunk (at most 256 KiB) or a batch of entries.
 pub const MAX_FRAME: usize = 4 << 20;
 /// Chunks per [`Request::ReadChunks`] at most.

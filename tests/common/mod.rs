@@ -58,13 +58,25 @@ pub fn current(store: &HistoryStore) -> BTreeMap<String, Entry> {
         .collect()
 }
 
+/// The hash the history records for a file holding `bytes`.
+pub fn content_hash(bytes: &[u8]) -> latus::content::Hash {
+    latus::content::ContentHasher::default()
+        .hash_reader(&mut &bytes[..], |_| {})
+        .unwrap()
+        .hash
+}
+
 /// Every file, dir and symlink under `root` (except `.latus`), as the history
 /// should record them: path → (kind, hash of content or link target).
 pub fn disk_state(root: &Path) -> BTreeMap<String, (Kind, Option<latus::content::Hash>)> {
     tree(root)
         .into_iter()
         .map(|(path, (kind, bytes, _, _))| {
-            let hash = (kind != Kind::Dir).then(|| latus::content::Hash::of(&bytes));
+            let hash = match kind {
+                Kind::File => Some(content_hash(&bytes)),
+                Kind::Symlink => Some(latus::content::Hash::of(&bytes)),
+                _ => None,
+            };
             (path, (kind, hash))
         })
         .collect()
