@@ -209,15 +209,18 @@ pub async fn write_frame_unflushed<W: AsyncWrite + Unpin>(
     out: &mut W,
     message: &Message,
 ) -> Result<()> {
-    let body = postcard::to_stdvec(message).map_err(|e| bad(format!("cannot encode: {e}")))?;
-    if body.len() > MAX_FRAME {
-        return Err(bad(format!("a frame of {} bytes to send", body.len())));
+    let cannot_encode = |e| bad(format!("cannot encode: {e}"));
+    // Sized first, so chunk data is copied once, into a frame that never grows.
+    let len = postcard::experimental::serialized_size(message).map_err(cannot_encode)?;
+    if len > MAX_FRAME {
+        return Err(bad(format!("a frame of {len} bytes to send")));
     }
-    let io = |e| Error::Peer(format!("cannot send: {e}"));
-    out.write_all(&(body.len() as u32).to_be_bytes())
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_be_bytes());
+    let frame = postcard::to_extend(message, frame).map_err(cannot_encode)?;
+    out.write_all(&frame)
         .await
-        .map_err(io)?;
-    out.write_all(&body).await.map_err(io)
+        .map_err(|e| Error::Peer(format!("cannot send: {e}")))
 }
 
 /// Reads one frame; `None` at a clean end of the stream.
