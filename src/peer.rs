@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -248,12 +249,11 @@ fn read_checked(
     if (before.0, before.1) != (entry.size, entry.mtime_ns) {
         return Ok(None);
     }
-    let mut bytes = vec![0; chunk.len as usize];
-    match file.read_exact_at(&mut bytes, offset) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(Error::io(&path, e)),
-    }
+    let Some(bytes) = read_exact_at_unzeroed(&file, offset, chunk.len as usize)
+        .map_err(|e| Error::io(&path, e))?
+    else {
+        return Ok(None);
+    };
     let recorded = (entry.size, entry.mtime_ns, entry.inode, entry.ctime_ns);
     // A write moves the file's mtime and ctime before its bytes change, so bytes
     // read between two matching stats are those that were hashed.
@@ -265,6 +265,43 @@ fn read_checked(
         return Ok(Some(bytes));
     }
     Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes))
+}
+
+/// `len` bytes of `file` from `offset`; `None` if it ends before. The buffer is
+/// not zeroed first: every byte of it is read (served chunks are most of what
+/// a sending daemon reads).
+fn read_exact_at_unzeroed(
+    file: &File,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut bytes: Vec<u8> = Vec::with_capacity(len);
+    while bytes.len() < len {
+        let filled = bytes.len();
+        let spare = &mut bytes.spare_capacity_mut()[..len - filled];
+        // SAFETY: `pread` writes at most `spare.len()` bytes into the vector's
+        // spare capacity, and `set_len` below counts only those it wrote.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                (offset + filled as u64) as libc::off_t,
+            )
+        };
+        match read {
+            0 => return Ok(None),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // SAFETY: the first `n` bytes of the spare capacity were just written.
+            n => unsafe { bytes.set_len(filled + n as usize) },
+        }
+    }
+    Ok(Some(bytes))
 }
 
 /// The path is not there (or a parent is not a directory, or it is a symlink

@@ -217,10 +217,33 @@ pub async fn write_frame_unflushed<W: AsyncWrite + Unpin>(
     }
     let mut frame = Vec::with_capacity(4 + len);
     frame.extend_from_slice(&(len as u32).to_be_bytes());
-    let frame = postcard::to_extend(message, frame).map_err(cannot_encode)?;
+    let frame =
+        postcard::serialize_with_flavor(message, FrameBuffer(frame)).map_err(cannot_encode)?;
     out.write_all(&frame)
         .await
         .map_err(|e| Error::Peer(format!("cannot send: {e}")))
+}
+
+/// A frame being encoded. Unlike postcard's `Extend` flavor, it copies byte
+/// strings (chunk data) whole, not byte by byte.
+struct FrameBuffer(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for FrameBuffer {
+    type Output = Vec<u8>;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
 }
 
 /// Reads one frame; `None` at a clean end of the stream.
