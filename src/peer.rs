@@ -238,19 +238,21 @@ fn read_checked(
         Err(e) if is_gone(&e) => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
-    let stat = |file: &File| -> Result<(u64, i64, u64, i64)> {
+    // Size, mtime, inode and ctime; `None` for what is not a regular file.
+    let stat = |file: &File| -> Result<Option<(u64, i64, u64, i64)>> {
         let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
-        if !meta.is_file() {
-            return Ok((u64::MAX, 0, 0, 0));
-        }
-        Ok((
-            meta.size(),
-            meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            meta.ino(),
-            meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-        ))
+        Ok(meta.is_file().then(|| {
+            (
+                meta.size(),
+                meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                meta.ino(),
+                meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            )
+        }))
     };
-    let before = stat(&file)?;
+    let Some(before) = stat(&file)? else {
+        return Ok(None);
+    };
     if (before.0, before.1) != (entry.size, entry.mtime_ns) {
         return Ok(None);
     }
@@ -265,7 +267,7 @@ fn read_checked(
     if check == ReadCheck::StatOrHash
         && entry.ctime_ns != UNVERIFIED_CTIME
         && before == recorded
-        && stat(&file)? == recorded
+        && stat(&file)? == Some(recorded)
     {
         return Ok(Some(bytes));
     }
