@@ -131,31 +131,37 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// ([`crate::content::content_hash`]), where the file's and the device copies' entries name it.
 /// A content of one chunk keeps its hash: it was already its chunk's.
 fn rehash_chunk_lists(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
-    let mut lists: Vec<(Vec<u8>, Vec<Hash>)> = Vec::new();
+    // Each content's chunk hashes in order; `None` for a malformed one, which
+    // leaves that content as it was rather than give it a wrong hash.
+    let mut lists: Vec<(Vec<u8>, Vec<Option<Hash>>)> = Vec::new();
     {
         let mut rows =
             tx.prepare("SELECT content, chunk FROM content_chunks ORDER BY content, idx")?;
         let mut rows = rows.query([])?;
         while let Some(row) = rows.next()? {
             let content: Vec<u8> = row.get(0)?;
-            let chunk: Vec<u8> = row.get(1)?;
-            let Some(chunk) = Hash::from_slice(&chunk) else {
-                continue;
-            };
+            let chunk = Hash::from_slice(&row.get::<_, Vec<u8>>(1)?);
             match lists.last_mut() {
                 Some((last, chunks)) if *last == content => chunks.push(chunk),
                 _ => lists.push((content, vec![chunk])),
             }
         }
     }
+    let rehashed: Vec<(Vec<u8>, Hash)> = lists
+        .into_iter()
+        .filter(|(_, chunks)| chunks.len() > 1)
+        .filter_map(|(old, chunks)| {
+            let chunks: Option<Vec<Hash>> = chunks.into_iter().collect();
+            Some((old, chunk_list_hash(chunks?)))
+        })
+        .collect();
     for table in [
         "UPDATE content_chunks SET content = ?2 WHERE content = ?1",
         "UPDATE entries SET hash = ?2 WHERE hash = ?1",
         "UPDATE device_files SET hash = ?2 WHERE hash = ?1",
     ] {
         let mut update = tx.prepare(table)?;
-        for (old, chunks) in lists.iter().filter(|(_, chunks)| chunks.len() > 1) {
-            let new = chunk_list_hash(chunks.iter().copied());
+        for (old, new) in &rehashed {
             update.execute(params![old, &new.0[..]])?;
         }
     }

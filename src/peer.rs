@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -104,11 +104,10 @@ impl FolderPeer {
             Err(e) if is_gone(&e) => return Ok(None),
             Err(e) => return Err(Error::io(&abs, e)),
         };
-        let mut bytes = vec![0; chunk.len as usize];
-        match file.read_exact_at(&mut bytes, chunk.offset) {
-            Ok(()) => Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes)),
+        match read_exact_at_unzeroed(&file, chunk.offset, chunk.len as usize) {
+            Ok(Some(bytes)) => Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes)),
             // A directory, a FIFO or a shorter file: not here.
-            Err(_) => Ok(None),
+            Ok(None) | Err(_) => Ok(None),
         }
     }
 
@@ -275,8 +274,8 @@ fn read_checked(
 }
 
 /// `len` bytes of `file` from `offset`; `None` if it ends before. The buffer is
-/// not zeroed first: every byte of it is read (served chunks are most of what
-/// a sending daemon reads).
+/// not zeroed first, since every byte of it is read: served chunks are most of
+/// what a sending daemon reads.
 fn read_exact_at_unzeroed(
     file: &File,
     offset: u64,
