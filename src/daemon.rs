@@ -1205,9 +1205,7 @@ fn sync_folder(
             Changed::Paths(paths) => Some(paths.iter().cloned().collect()),
         },
         // The device's `[scan]` settings (read limit, threads).
-        max_read_bytes_per_sec: options.sync.scan.max_read_bytes_per_sec,
-        hash_threads: options.sync.scan.hash_threads,
-        batch_size: options.sync.scan.batch_size,
+        ..options.sync.scan.clone()
     };
     // Woken by a peer with nothing changed here: no scan. The merger still
     // checks each path on disk right before it replaces it.

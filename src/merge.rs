@@ -30,11 +30,9 @@ use crate::folder::{Folder, TEMP_PREFIX, check_relative};
 use crate::history::{Entry, HistoryStore, Kind, Record};
 use crate::now_ns;
 use crate::peer::{Peer, is_gone, read_verified};
+use crate::scan::RACY_WINDOW_NS;
 use crate::trash::Trash;
 
-/// Same rule as the scanner's: a file modified this recently may still change
-/// within the same timestamp tick, so its ctime is not trusted.
-const RACY_WINDOW_NS: i64 = 2_000_000_000;
 const COPY_BUFFER: usize = 1 << 20;
 
 pub struct MergeOptions {
@@ -629,10 +627,8 @@ impl<'a> Builder<'a> {
             let mut placed: Vec<Option<Vec<u8>>> = Vec::with_capacity(window.len());
             let mut missing = Vec::new();
             for chunk in window {
-                buffer.resize(chunk.len as usize, 0);
-                if output.read_exact_at(&mut buffer, chunk.offset).is_ok()
-                    && Hash::of(&buffer) == chunk.hash
-                {
+                // Not readable there (a shorter partial file): not there yet.
+                if matches!(holds_chunk(&output, chunk, &mut buffer), Ok(true)) {
                     built.bytes_resumed += u64::from(chunk.len);
                     placed.push(None);
                 } else if let Some(bytes) = self.local_chunk(chunk)? {
@@ -927,14 +923,18 @@ fn hash_file(file: &File, path: &Path) -> Result<Hash> {
 fn chunks_match(file: &File, path: &Path, chunks: &[ChunkInfo]) -> Result<bool> {
     let mut buffer = Vec::new();
     for chunk in chunks {
-        buffer.resize(chunk.len as usize, 0);
-        file.read_exact_at(&mut buffer, chunk.offset)
-            .map_err(|e| Error::io(path, e))?;
-        if Hash::of(&buffer) != chunk.hash {
+        if !holds_chunk(file, chunk, &mut buffer).map_err(|e| Error::io(path, e))? {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Whether `file` holds `chunk` at its offset, read into `buffer`.
+fn holds_chunk(file: &File, chunk: &ChunkInfo, buffer: &mut Vec<u8>) -> std::io::Result<bool> {
+    buffer.resize(chunk.len as usize, 0);
+    file.read_exact_at(buffer, chunk.offset)?;
+    Ok(Hash::of(buffer) == chunk.hash)
 }
 
 /// Reads a file from `offset` on without moving its cursor.

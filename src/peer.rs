@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -15,7 +15,7 @@ use crate::device::PeerId;
 use crate::error::{Error, Result};
 use crate::folder::{Folder, check_relative};
 use crate::history::{Entry, HistoryStore, Kind};
-use crate::scan::UNVERIFIED_CTIME;
+use crate::scan::Stat;
 
 /// `Sync`: the merger builds several files at once, each asking for chunks.
 pub trait Peer: Sync {
@@ -199,10 +199,10 @@ impl FolderPeer {
 enum ReadCheck {
     /// Its bytes are hashed.
     Hash,
-    /// Its bytes are hashed unless the file's size, mtime, inode and ctime are
-    /// still those recorded when it was hashed, before and after the read: the
-    /// scanner's own test of an unchanged file. A file recorded racily (see
-    /// `scan::RACY_WINDOW_NS`) is always hashed.
+    /// Its bytes are hashed unless the file's stat, before and after the read,
+    /// passes the scanner's own test of an unchanged file ([`Stat::matches`]:
+    /// size, mtime, ctime, inode, mode). A file recorded racily (see
+    /// `scan::RACY_WINDOW_NS`) never passes it, and is always hashed.
     StatOrHash,
 }
 
@@ -237,22 +237,15 @@ fn read_checked(
         Err(e) if is_gone(&e) => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
-    // Size, mtime, inode and ctime; `None` for what is not a regular file.
-    let stat = |file: &File| -> Result<Option<(u64, i64, u64, i64)>> {
+    // `None` for what is not a regular file.
+    let stat = |file: &File| -> Result<Option<Stat>> {
         let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
-        Ok(meta.is_file().then(|| {
-            (
-                meta.size(),
-                meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-                meta.ino(),
-                meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-            )
-        }))
+        Ok(meta.is_file().then(|| Stat::of(&meta)))
     };
     let Some(before) = stat(&file)? else {
         return Ok(None);
     };
-    if (before.0, before.1) != (entry.size, entry.mtime_ns) {
+    if (before.size, before.mtime_ns) != (entry.size, entry.mtime_ns) {
         return Ok(None);
     }
     let Some(bytes) = read_exact_at_unzeroed(&file, offset, chunk.len as usize)
@@ -260,14 +253,9 @@ fn read_checked(
     else {
         return Ok(None);
     };
-    let recorded = (entry.size, entry.mtime_ns, entry.inode, entry.ctime_ns);
     // A write moves the file's mtime and ctime before its bytes change, so bytes
-    // read between two matching stats are those that were hashed.
-    if check == ReadCheck::StatOrHash
-        && entry.ctime_ns != UNVERIFIED_CTIME
-        && before == recorded
-        && stat(&file)? == Some(recorded)
-    {
+    // read between two stats that match the entry are those that were hashed.
+    if check == ReadCheck::StatOrHash && before.matches(entry) && stat(&file)? == Some(before) {
         return Ok(Some(bytes));
     }
     Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes))

@@ -34,8 +34,8 @@ const HASH_ATTEMPTS: usize = 3;
 /// the same timestamp tick, leaving size, mtime and ctime as they were (git's "racy
 /// clean" problem; FAT's mtime tick is 2 s). Such a file is recorded with
 /// [`UNVERIFIED_CTIME`], so the next scan reads it again instead of trusting its stat.
-const RACY_WINDOW_NS: i64 = 2_000_000_000;
-pub(crate) const UNVERIFIED_CTIME: i64 = 0;
+pub(crate) const RACY_WINDOW_NS: i64 = 2_000_000_000;
+const UNVERIFIED_CTIME: i64 = 0;
 
 /// Hooks into a running scan, called from its threads.
 pub trait ScanObserver: Send + Sync {
@@ -48,6 +48,7 @@ pub trait ScanObserver: Send + Sync {
     fn batch_committed(&self, _entries: usize, _last_seq: u64) {}
 }
 
+#[derive(Clone)]
 pub struct ScanOptions {
     /// Bytes per second read for hashing, over all threads; 0 = unlimited.
     pub max_read_bytes_per_sec: f64,
@@ -133,16 +134,16 @@ pub struct ScanSummary {
 
 /// The stat fields that decide whether a file must be hashed again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stat {
-    size: u64,
-    mtime_ns: i64,
+pub(crate) struct Stat {
+    pub(crate) size: u64,
+    pub(crate) mtime_ns: i64,
     ctime_ns: i64,
     inode: u64,
     mode: u32,
 }
 
 impl Stat {
-    fn of(meta: &Metadata) -> Self {
+    pub(crate) fn of(meta: &Metadata) -> Self {
         Stat {
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
@@ -152,7 +153,9 @@ impl Stat {
         }
     }
 
-    fn matches(&self, entry: &Entry) -> bool {
+    /// Whether the file is still as `entry` recorded it when it was hashed. An
+    /// entry recorded racily (ctime 0) never matches.
+    pub(crate) fn matches(&self, entry: &Entry) -> bool {
         entry.kind == Kind::File
             && entry.size == self.size
             && entry.mtime_ns == self.mtime_ns
