@@ -188,7 +188,11 @@ fn two_daemons_sync_creations_edits_renames_and_deletions_both_ways() {
     wait_same(&a, &b);
     assert!(b.folder.join("moved.bin").exists());
     assert!(!b.folder.join("notes/b.txt").exists());
-    // The rename travelled as a rename: B read no content for it.
+    // The rename travelled as a rename: B read no content for it. Its round's
+    // summary is logged a little after the files are in place.
+    wait_for("B's round summary", || {
+        b.log()[logged_before..].contains("changes from")
+    });
     let since = b.log()[logged_before..].to_string();
     let rounds: Vec<&str> = since
         .lines()
