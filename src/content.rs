@@ -6,10 +6,12 @@
 //! Chunk boundaries depend only on content, so an insertion moves only the chunks
 //! around it.
 
+mod cdc;
+
 use std::fmt;
 use std::io::{self, Read};
 
-use fastcdc::v2020::FastCDC;
+use cdc::{Cut, Cutter};
 
 pub const MIN_CHUNK: usize = 16 * 1024;
 pub const AVG_CHUNK: usize = 64 * 1024;
@@ -121,6 +123,8 @@ impl ContentHasher {
         let mut filled = 0;
         let mut buf_offset = 0u64; // file offset of buf[0]
         let mut eof = false;
+        // Where the chunk at the start of the buffer may end, as far as read.
+        let mut known_free = 0;
         loop {
             while filled < self.buf.len() && !eof {
                 match source.read(&mut self.buf[filled..]) {
@@ -133,7 +137,14 @@ impl ContentHasher {
                     Err(e) => return Err(e),
                 }
             }
-            let consumed = cut_chunks(&self.buf[..filled], buf_offset, eof, &mut chunks);
+            let consumed;
+            (consumed, known_free) = cut_chunks(
+                &self.buf[..filled],
+                buf_offset,
+                eof,
+                known_free,
+                &mut chunks,
+            );
             if eof {
                 return Ok(HashedContent {
                     hash: content_hash(&chunks),
@@ -149,23 +160,32 @@ impl ContentHasher {
 }
 
 /// Cuts `data` (at file offset `base`) into chunks and hashes them; returns how many
-/// bytes were cut. Unless the file ends with `data`, the last cut may only be where
-/// the buffer ends: it is left for the next fill.
-fn cut_chunks(data: &[u8], base: u64, eof: bool, chunks: &mut Vec<ChunkInfo>) -> usize {
+/// bytes were cut, and how far the rest is known to hold no cut. Unless the file
+/// ends with `data`, the last chunk may go on past it: it is left for the next fill.
+fn cut_chunks(
+    data: &[u8],
+    base: u64,
+    eof: bool,
+    mut known_free: usize,
+    chunks: &mut Vec<ChunkInfo>,
+) -> (usize, usize) {
     let mut consumed = 0;
-    for cut in FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
-        let end = cut.offset + cut.length;
-        if end == data.len() && !eof {
-            break;
+    while consumed < data.len() {
+        match Cutter::standard().cut(&data[consumed..], eof, known_free) {
+            Cut::At(len) => {
+                let end = consumed + len;
+                chunks.push(ChunkInfo {
+                    hash: Hash::of(&data[consumed..end]),
+                    offset: base + consumed as u64,
+                    len: len as u32,
+                });
+                consumed = end;
+                known_free = 0;
+            }
+            Cut::NoneBefore(free) => return (consumed, free),
         }
-        chunks.push(ChunkInfo {
-            hash: Hash::of(&data[cut.offset..end]),
-            offset: base + cut.offset as u64,
-            len: cut.length as u32,
-        });
-        consumed = end;
     }
-    consumed
+    (consumed, 0)
 }
 
 #[cfg(test)]
@@ -277,7 +297,7 @@ mod tests {
             let trickled = hasher.hash_reader(&mut Trickle(&data, step), |_| {}).unwrap();
             check_invariants(&data, &whole);
             // Streaming through a bounded buffer cuts exactly where one pass over the whole does.
-            let one_pass: Vec<u64> = FastCDC::new(&data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|c| c.offset as u64).collect();
+            let one_pass: Vec<u64> = fastcdc::v2020::FastCDC::new(&data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|c| c.offset as u64).collect();
             let streamed: Vec<u64> = whole.chunks.iter().map(|c| c.offset).collect();
             prop_assert_eq!(one_pass, streamed);
             prop_assert_eq!(whole, trickled);
