@@ -61,7 +61,7 @@ use crate::identity::Identity;
 use crate::merge::{self, MergeOptions};
 use crate::net::conn::{self, Connection, RequestHandler};
 use crate::net::protocol::{
-    MAX_ENTRIES, MAX_FRAME, Message, Request, Response, VERSION, WantedChunk, WireChunk, WireEntry,
+    MAX_ENTRIES, MAX_FRAME, Message, Request, Response, VERSION, WireChunk, WireEntry,
 };
 use crate::net::remote::{RemoteFolder, WrongChunks};
 use crate::net::tls::{self, Allowed};
@@ -833,14 +833,17 @@ impl RequestHandler for Daemon {
                 ),
                 Request::ReadChunks { wanted, .. } => {
                     let mut answers = Vec::with_capacity(wanted.len());
-                    for WantedChunk {
-                        path,
-                        content,
-                        chunk,
-                    } in wanted
+                    // Chunks of one file are asked for together: served together.
+                    for same_file in
+                        wanted.chunk_by(|a, b| (&a.path, a.content) == (&b.path, b.content))
                     {
-                        let bytes = source.serve_chunk(&path, &Hash(content), &chunk.checked()?)?;
-                        if bytes.is_none() {
+                        let (path, content) = (&same_file[0].path, Hash(same_file[0].content));
+                        let chunks = same_file
+                            .iter()
+                            .map(|wanted| wanted.chunk.checked())
+                            .collect::<Result<Vec<_>>>()?;
+                        let served = source.serve_chunks(path, &content, &chunks)?;
+                        if served.iter().any(Option::is_none) {
                             // The history says this folder holds the content; the
                             // disk does not. A change the watcher missed (or has
                             // not synced yet): a rescan records it and the peer
@@ -849,9 +852,9 @@ impl RequestHandler for Daemon {
                                 "folder {}: {path:?} no longer holds a chunk a peer asked for; rescanning",
                                 folder.id
                             );
-                            self.files_changed(&[folder.path.join(&path)], false);
+                            self.files_changed(&[folder.path.join(path)], false);
                         }
-                        answers.push(bytes.map(ByteBuf::from));
+                        answers.extend(served.into_iter().map(|bytes| bytes.map(ByteBuf::from)));
                     }
                     Response::ChunkData(answers)
                 }

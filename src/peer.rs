@@ -158,12 +158,43 @@ impl FolderPeer {
         content: &Hash,
         chunk: &ChunkInfo,
     ) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .serve_chunks(path, content, std::slice::from_ref(chunk))?
+            .pop()
+            .flatten())
+    }
+
+    /// Several chunks of `content` for a network peer, each as
+    /// [`FolderPeer::serve_chunk`] answers: those of a file of several chunks
+    /// are read from one opening of the file at `path`, between two stats.
+    pub fn serve_chunks(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunks: &[ChunkInfo],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
         // A content of one chunk (at most 256 KiB) costs less to hash than to
         // look up in the history, once per file.
-        if chunk.hash == *content {
-            return self.read_chunk(path, content, chunk);
+        if chunks.iter().all(|chunk| chunk.hash == *content) {
+            return chunks
+                .iter()
+                .map(|chunk| self.read_chunk(path, content, chunk))
+                .collect();
         }
-        self.read_from_history(path, content, chunk, ReadCheck::StatOrHash)
+        let holders = self.holders_of(content)?;
+        let mut served = match holders.iter().find(|entry| entry.path == path) {
+            Some(at_path) => {
+                let wanted: Vec<_> = chunks.iter().map(|chunk| (chunk.offset, chunk)).collect();
+                read_checked(&self.root, at_path, &wanted, ReadCheck::StatOrHash)?
+            }
+            None => vec![None; chunks.len()],
+        };
+        for (bytes, chunk) in served.iter_mut().zip(chunks) {
+            if bytes.is_none() {
+                *bytes = self.read_from_history(path, content, chunk, ReadCheck::StatOrHash)?;
+            }
+        }
+        Ok(served)
     }
 
     /// `chunk` from a current file with `content` (the one at `path` first), else
@@ -180,13 +211,13 @@ impl FolderPeer {
             holders.swap(0, at_path);
         }
         for entry in holders {
-            if let Some(bytes) = read_checked(&self.root, &entry, chunk.offset, chunk, check)? {
+            if let Some(bytes) = read_one_checked(&self.root, &entry, chunk.offset, chunk, check)? {
                 return Ok(Some(bytes));
             }
         }
         let elsewhere = self.store().chunk_locations(&chunk.hash)?;
         for (entry, offset) in elsewhere {
-            if let Some(bytes) = read_checked(&self.root, &entry, offset, chunk, check)? {
+            if let Some(bytes) = read_one_checked(&self.root, &entry, offset, chunk, check)? {
                 return Ok(Some(bytes));
             }
         }
@@ -214,18 +245,33 @@ pub(crate) fn read_verified(
     offset: u64,
     chunk: &ChunkInfo,
 ) -> Result<Option<Vec<u8>>> {
-    read_checked(root, entry, offset, chunk, ReadCheck::Hash)
+    read_one_checked(root, entry, offset, chunk, ReadCheck::Hash)
 }
 
-fn read_checked(
+fn read_one_checked(
     root: &Path,
     entry: &Entry,
     offset: u64,
     chunk: &ChunkInfo,
     check: ReadCheck,
 ) -> Result<Option<Vec<u8>>> {
+    Ok(read_checked(root, entry, &[(offset, chunk)], check)?
+        .pop()
+        .flatten())
+}
+
+/// Reads each chunk at its offset of the file `entry` describes, if the file
+/// still is what was hashed, and checks it as `check` says; `None` for each that
+/// is not there.
+fn read_checked(
+    root: &Path,
+    entry: &Entry,
+    wanted: &[(u64, &ChunkInfo)],
+    check: ReadCheck,
+) -> Result<Vec<Option<Vec<u8>>>> {
+    let not_here = || Ok(vec![None; wanted.len()]);
     if entry.kind != Kind::File {
-        return Ok(None);
+        return not_here();
     }
     let path = root.join(&entry.path);
     let file = match File::options()
@@ -234,7 +280,7 @@ fn read_checked(
         .open(&path)
     {
         Ok(file) => file,
-        Err(e) if is_gone(&e) => return Ok(None),
+        Err(e) if is_gone(&e) => return not_here(),
         Err(e) => return Err(Error::io(&path, e)),
     };
     // `None` for what is not a regular file.
@@ -243,22 +289,28 @@ fn read_checked(
         Ok(meta.is_file().then(|| Stat::of(&meta)))
     };
     let Some(before) = stat(&file)? else {
-        return Ok(None);
+        return not_here();
     };
     if (before.size, before.mtime_ns) != (entry.size, entry.mtime_ns) {
-        return Ok(None);
+        return not_here();
     }
-    let Some(bytes) = read_exact_at_unzeroed(&file, offset, chunk.len as usize)
-        .map_err(|e| Error::io(&path, e))?
-    else {
-        return Ok(None);
-    };
+    let mut read = Vec::with_capacity(wanted.len());
+    for &(offset, chunk) in wanted {
+        read.push(
+            read_exact_at_unzeroed(&file, offset, chunk.len as usize)
+                .map_err(|e| Error::io(&path, e))?,
+        );
+    }
     // A write moves the file's mtime and ctime before its bytes change, so bytes
     // read between two stats that match the entry are those that were hashed.
     if check == ReadCheck::StatOrHash && before.matches(entry) && stat(&file)? == Some(before) {
-        return Ok(Some(bytes));
+        return Ok(read);
     }
-    Ok((Hash::of(&bytes) == chunk.hash).then_some(bytes))
+    Ok(read
+        .into_iter()
+        .zip(wanted)
+        .map(|(bytes, (_, chunk))| bytes.filter(|bytes| Hash::of(bytes) == chunk.hash))
+        .collect())
 }
 
 /// `len` bytes of `file` from `offset`; `None` if it ends before. The buffer is
