@@ -1207,6 +1207,9 @@ fn sync_folder(
             Changed::Whole => None,
             Changed::Paths(paths) => Some(paths.iter().cloned().collect()),
         },
+        // Serving peers and building their files go first: they are what peers
+        // wait for, and a first scan's hashing fills the time they leave.
+        background: true,
         // The device's `[scan]` settings (read limit, threads).
         ..options.sync.scan.clone()
     };

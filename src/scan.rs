@@ -59,7 +59,14 @@ pub struct ScanOptions {
     /// Scan only these paths and what is under them (those a watcher named);
     /// `None`: the whole folder.
     pub only: Option<Vec<String>>,
+    /// Hash at a lower CPU priority ([`BACKGROUND_NICE`]): a daemon's scan
+    /// then leaves the cores to serving and building files first, and to
+    /// whatever else the machine runs.
+    pub background: bool,
 }
+
+/// The nice value of a background scan's hashing threads.
+pub const BACKGROUND_NICE: i32 = 10;
 
 impl Default for ScanOptions {
     fn default() -> Self {
@@ -72,6 +79,7 @@ impl Default for ScanOptions {
             batch_size: 1000,
             observer: None,
             only: None,
+            background: false,
         }
     }
 }
@@ -334,7 +342,13 @@ pub fn scan(
         for _ in 0..threads {
             let (jobs, changes) = (job_rx.clone(), change_tx.clone());
             let shared = &shared;
-            scope.spawn(move || hash_worker(jobs, changes, shared));
+            let background = options.background;
+            scope.spawn(move || {
+                if background {
+                    lower_priority();
+                }
+                hash_worker(jobs, changes, shared)
+            });
         }
         drop(job_rx);
         let walked = walk(
@@ -873,6 +887,23 @@ fn hash_stable_file(
         expected = after;
     }
     Ok(None)
+}
+
+/// Gives the calling thread the nice value [`BACKGROUND_NICE`]; on failure it
+/// keeps its priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only changes the scheduling priority of this thread
+    // (Linux takes a thread id for PRIO_PROCESS); any value is valid.
+    unsafe {
+        let thread = libc::gettid() as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, thread, BACKGROUND_NICE) != 0 {
+            tracing::debug!(
+                "cannot lower a hashing thread's priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 struct Written {

@@ -709,3 +709,40 @@ fn a_chunk_is_served_unhashed_only_while_its_file_keeps_the_stat_it_was_hashed_w
         None
     );
 }
+
+/// The nice value of the calling thread.
+fn thread_nice() -> i32 {
+    // SAFETY: getpriority only reads this thread's priority.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+}
+
+#[test]
+fn a_background_scan_hashes_at_a_lower_priority() {
+    // The nice value of each thread that read for hashing, in a first scan.
+    let hashed_at = |background: bool| {
+        let mut fx = Fixture::new();
+        write(fx.root(), "f.bin", &bytes(100_000, 9));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        fx.scan_with(ScanOptions {
+            background,
+            ..with_observer(OnRead(move |_: &str, _| {
+                record.lock().unwrap().push(thread_nice())
+            }))
+        });
+        let seen = seen.lock().unwrap().clone();
+        assert!(!seen.is_empty());
+        seen
+    };
+    let own = thread_nice();
+    assert!(hashed_at(false).iter().all(|&nice| nice == own));
+    // At 10, or (a process already nicer cannot always go back) as they were.
+    let background = latus::scan::BACKGROUND_NICE;
+    assert!(
+        hashed_at(true)
+            .iter()
+            .all(|&nice| nice == background || (own > background && nice == own))
+    );
+    // The thread that ran the scan keeps its priority.
+    assert_eq!(thread_nice(), own);
+}
