@@ -149,24 +149,11 @@ impl Peer for FolderPeer {
 }
 
 impl FolderPeer {
-    /// The bytes of `chunk` for a network peer, which checks every chunk it
-    /// receives against its hash: a chunk of a bigger file still as it was when
-    /// hashed is read without hashing it again (see [`ReadCheck::StatOrHash`]).
-    pub fn serve_chunk(
-        &self,
-        path: &str,
-        content: &Hash,
-        chunk: &ChunkInfo,
-    ) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .serve_chunks(path, content, std::slice::from_ref(chunk))?
-            .pop()
-            .flatten())
-    }
-
-    /// Several chunks of `content` for a network peer, each as
-    /// [`FolderPeer::serve_chunk`] answers: those of a file of several chunks
-    /// are read from one opening of the file at `path`, between two stats.
+    /// Chunks of `content` for a network peer, which checks every chunk it
+    /// receives against its hash. A content of several chunks is read from one
+    /// opening of the file at `path`, between two stats: while the file is as
+    /// it was when hashed, its chunks go out without being hashed again (see
+    /// [`ReadCheck::StatOrHash`]). `None` for each chunk no file holds any more.
     pub fn serve_chunks(
         &self,
         path: &str,

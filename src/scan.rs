@@ -59,13 +59,14 @@ pub struct ScanOptions {
     /// Scan only these paths and what is under them (those a watcher named);
     /// `None`: the whole folder.
     pub only: Option<Vec<String>>,
-    /// Hash at a lower CPU priority ([`BACKGROUND_NICE`]): a daemon's scan
-    /// then leaves the cores to serving and building files first, and to
-    /// whatever else the machine runs.
+    /// Hash big files (8 MiB and more) at a lower CPU priority
+    /// ([`BACKGROUND_NICE`]): a daemon's scan then leaves the cores to serving
+    /// those already hashed first. Small files are hashed at the usual
+    /// priority: their scan is mostly waiting on the disk, and peers wait on it.
     pub background: bool,
 }
 
-/// The nice value of a background scan's hashing threads.
+/// The nice value at which a background scan hashes big files.
 pub const BACKGROUND_NICE: i32 = 10;
 
 impl Default for ScanOptions {
@@ -245,19 +246,22 @@ struct BigFiles {
     hashing: Mutex<usize>,
     done: std::sync::Condvar,
     at_once: usize,
+    /// Hashed at nice [`BACKGROUND_NICE`] (see [`ScanOptions::background`]).
+    background: bool,
 }
 
 impl BigFiles {
-    fn new() -> Self {
+    fn new(background: bool) -> Self {
         BigFiles {
             hashing: Mutex::new(0),
             done: std::sync::Condvar::new(),
             at_once: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            background,
         }
     }
 
     /// Runs `hash` for a file of `size` bytes, in turn if it is big.
-    fn hash<T>(&self, size: u64, hash: impl FnOnce() -> T) -> T {
+    fn hash<T: Send>(&self, size: u64, hash: impl FnOnce() -> T + Send) -> T {
         if size < BIG_FILE {
             return hash();
         }
@@ -268,7 +272,20 @@ impl BigFiles {
         }
         *hashing += 1;
         drop(hashing);
-        let hashed = hash();
+        // On a thread of its own: a thread cannot take its priority back.
+        let hashed = if self.background {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        lower_priority();
+                        hash()
+                    })
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+        } else {
+            hash()
+        };
         *lock() -= 1;
         self.done.notify_one();
         hashed
@@ -312,7 +329,7 @@ pub fn scan(
         observer: options.observer.clone(),
         warnings: Arc::default(),
         counters: Counters::default(),
-        big_files: BigFiles::new(),
+        big_files: BigFiles::new(options.background),
     };
     let threads = options.hash_threads.max(1);
     let batch_size = options.batch_size.max(1);
@@ -342,13 +359,7 @@ pub fn scan(
         for _ in 0..threads {
             let (jobs, changes) = (job_rx.clone(), change_tx.clone());
             let shared = &shared;
-            let background = options.background;
-            scope.spawn(move || {
-                if background {
-                    lower_priority();
-                }
-                hash_worker(jobs, changes, shared)
-            });
+            scope.spawn(move || hash_worker(jobs, changes, shared));
         }
         drop(job_rx);
         let walked = walk(

@@ -717,30 +717,44 @@ fn thread_nice() -> i32 {
 }
 
 #[test]
-fn a_background_scan_hashes_at_a_lower_priority() {
-    // The nice value of each thread that read for hashing, in a first scan.
+fn a_background_scan_hashes_big_files_at_a_lower_priority() {
+    // The nice value of each thread that read for hashing, by path, in a first scan.
     let hashed_at = |background: bool| {
         let mut fx = Fixture::new();
-        write(fx.root(), "f.bin", &bytes(100_000, 9));
+        write(fx.root(), "small.bin", &bytes(100_000, 9));
+        write(fx.root(), "big.bin", &bytes(9 << 20, 10));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
         fx.scan_with(ScanOptions {
             background,
-            ..with_observer(OnRead(move |_: &str, _| {
-                record.lock().unwrap().push(thread_nice())
+            ..with_observer(OnRead(move |path: &str, _| {
+                record
+                    .lock()
+                    .unwrap()
+                    .push((path.to_string(), thread_nice()))
             }))
         });
         let seen = seen.lock().unwrap().clone();
-        assert!(!seen.is_empty());
-        seen
+        let of = |name: &str| -> Vec<i32> {
+            let nices: Vec<i32> = seen
+                .iter()
+                .filter(|(p, _)| p == name)
+                .map(|(_, n)| *n)
+                .collect();
+            assert!(!nices.is_empty(), "{name} was read");
+            nices
+        };
+        (of("small.bin"), of("big.bin"))
     };
     let own = thread_nice();
-    assert!(hashed_at(false).iter().all(|&nice| nice == own));
+    let (small, big) = hashed_at(false);
+    assert!(small.iter().chain(&big).all(|&nice| nice == own));
+    let (small, big) = hashed_at(true);
+    assert!(small.iter().all(|&nice| nice == own));
     // At 10, or (a process already nicer cannot always go back) as they were.
     let background = latus::scan::BACKGROUND_NICE;
     assert!(
-        hashed_at(true)
-            .iter()
+        big.iter()
             .all(|&nice| nice == background || (own > background && nice == own))
     );
     // The thread that ran the scan keeps its priority.

@@ -258,21 +258,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(input: &mut R) -> Result<Option<Me
     if len > MAX_FRAME {
         return Err(bad(format!("a frame of {len} bytes (at most {MAX_FRAME})")));
     }
-    // Read into the vector's spare capacity: a frame is mostly chunk bytes, and
-    // zeroing them first would cost a pass over each.
-    let mut body = Vec::with_capacity(len);
-    let mut frame = input.take(len as u64);
-    while body.len() < len {
-        match frame.read_buf(&mut body).await {
-            Ok(0) => {
-                return Err(Error::Peer(
-                    "cannot receive: the frame was cut short".into(),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => return Err(Error::Peer(format!("cannot receive: {e}"))),
-        }
-    }
+    let mut body = vec![0; len];
+    input
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| Error::Peer(format!("cannot receive: {e}")))?;
     let message: Message =
         postcard::from_bytes(&body).map_err(|e| bad(format!("a malformed frame: {e}")))?;
     check(&message)?;
