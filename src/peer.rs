@@ -184,8 +184,9 @@ impl FolderPeer {
         Ok(served)
     }
 
-    /// `chunk` from a current file with `content` (the one at `path` first), else
-    /// from any file the history says holds it.
+    /// `chunk` from another current file with `content` than the one at `path`
+    /// (which the callers read first), else from any file the history says
+    /// holds it.
     fn read_from_history(
         &self,
         path: &str,
@@ -193,12 +194,9 @@ impl FolderPeer {
         chunk: &ChunkInfo,
         check: ReadCheck,
     ) -> Result<Option<Vec<u8>>> {
-        let mut holders = self.holders_of(content)?;
-        if let Some(at_path) = holders.iter().position(|e| e.path == path) {
-            holders.swap(0, at_path);
-        }
-        for entry in holders {
-            if let Some(bytes) = read_one_checked(&self.root, &entry, chunk.offset, chunk, check)? {
+        let holders = self.holders_of(content)?;
+        for entry in holders.iter().filter(|entry| entry.path != path) {
+            if let Some(bytes) = read_one_checked(&self.root, entry, chunk.offset, chunk, check)? {
                 return Ok(Some(bytes));
             }
         }
