@@ -1207,8 +1207,8 @@ fn sync_folder(
             Changed::Whole => None,
             Changed::Paths(paths) => Some(paths.iter().cloned().collect()),
         },
-        // Serving peers and building their files go first: they are what peers
-        // wait for, and a first scan's hashing fills the time they leave.
+        // Big files are hashed at a lower priority: serving peers what is
+        // already hashed goes first, and the hashing fills the time it leaves.
         background: true,
         // The device's `[scan]` settings (read limit, threads).
         ..options.sync.scan.clone()
