@@ -193,15 +193,9 @@ mod tests {
     /// Data whose bytes come from `alphabet` values only: few distinct
     /// windows, so long runs with no cut and maximal chunks.
     fn data(len: usize, seed: u64, alphabet: u8) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8 % alphabet.max(1)
-            })
-            .collect()
+        let mut bytes = crate::content::tests::pseudo_random(len, seed);
+        bytes.iter_mut().for_each(|byte| *byte %= alphabet.max(1));
+        bytes
     }
 
     /// Chunk lengths as the crate's own loop finds them.
