@@ -404,8 +404,19 @@ impl HistoryStore {
         }
         // NORMAL in WAL mode: a crash of the process never loses a commit; a power
         // loss may lose the last ones but never corrupts the database.
+        // Each checkpoint of the WAL into the database costs two fsyncs, 10 to 45
+        // ms each here, in whichever thread commits. A WAL of up to 16 MiB (4,096
+        // pages, not SQLite's 1,000) takes a first sync of 20,000 files without
+        // one (38 fsyncs, 0.2 s, before). Closing the last connection would
+        // checkpoint too, at the end of every `latus sync` or `latus scan`
+        // (0.1 s for two folders): the WAL is left for the next automatic
+        // checkpoint instead, and is as safe where it is.
         self.conn
-            .execute_batch("PRAGMA synchronous = NORMAL;")
+            .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 4096;")
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map(drop)
             .map_err(|e| self.err(e))
     }
 
