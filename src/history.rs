@@ -302,6 +302,29 @@ pub struct HistoryStore {
     path: PathBuf,
 }
 
+/// A WAL this long is folded into the database when its store is dropped;
+/// shorter ones wait for a later run (the WAL is as safe as the database).
+const WAL_FOLDED_AT_CLOSE: u64 = 4 << 20;
+
+impl Drop for HistoryStore {
+    fn drop(&mut self) {
+        if self.conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true)
+            || std::fs::metadata(wal_path(&self.path))
+                .map_or(true, |m| m.len() < WAL_FOLDED_AT_CLOSE)
+        {
+            return;
+        }
+        // Without waiting on readers still open: the WAL then stays for later.
+        let folded = self
+            .conn
+            .busy_timeout(Duration::ZERO)
+            .and_then(|()| self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"));
+        if let Err(e) = folded {
+            tracing::debug!("{}: the WAL stays for later: {e}", self.path.display());
+        }
+    }
+}
+
 /// A read transaction of a [`HistoryStore`], ended when dropped.
 pub struct Snapshot<'a> {
     _transaction: Option<rusqlite::Transaction<'a>>,
@@ -408,9 +431,8 @@ impl HistoryStore {
         // ms each here, in whichever thread commits. A WAL of up to 16 MiB (4,096
         // pages, not SQLite's 1,000) takes a first sync of 20,000 files without
         // one (38 fsyncs, 0.2 s, before). Closing the last connection would
-        // checkpoint too, at the end of every `latus sync` or `latus scan`
-        // (0.1 s for two folders): the WAL is left for the next automatic
-        // checkpoint instead, and is as safe where it is.
+        // checkpoint too, at the end of every `latus sync` or `latus scan`, 0.1 s
+        // for two folders: `Drop` does it only once the WAL has grown (see there).
         self.conn
             .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 4096;")
             .map_err(|e| self.err(e))?;
@@ -1096,6 +1118,12 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
     }
 }
 
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
 /// Asks the kernel to read the database (and its WAL) into the page cache in
 /// the background: a sync looks up paths all over it, and on a cold cache each
 /// lookup would otherwise wait for a random read (planning 200 changed paths of
@@ -1103,9 +1131,7 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
 /// are left alone; a failure only loses the hint.
 fn read_ahead(db: &Path) {
     const MAX_READ_AHEAD: u64 = 256 << 20;
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    for path in [db, Path::new(&wal)] {
+    for path in [db, &wal_path(db)] {
         let Ok(file) = std::fs::File::open(path) else {
             continue;
         };
@@ -1121,6 +1147,7 @@ fn read_ahead(db: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn entry(path: &str, kind: Kind, content: &[u8]) -> Entry {
         let peer = PeerId([7; 32]);
@@ -1196,6 +1223,29 @@ mod tests {
         assert_eq!(store.latest_existing().unwrap()[0].path, "a");
         assert_eq!(store.latest_existing().unwrap().len(), 1);
         assert_eq!(store.last_seq().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_short_wal_outlives_its_store_and_a_long_one_is_folded_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("h.db");
+        let wal_len = || fs::metadata(wal_path(&db)).map_or(0, |m| m.len());
+        let mut store = HistoryStore::open(&db).unwrap();
+        append(&mut store, &[entry("first", Kind::File, b"one")]);
+        drop(store);
+        assert!(wal_len() > 0, "a short WAL is left for later");
+        let mut store = HistoryStore::open(&db).unwrap();
+        assert!(store.latest_by_path("first").unwrap().is_some());
+        // Long paths fill pages quickly: past the fold threshold.
+        let long: Vec<Entry> = (0..3000)
+            .map(|i| entry(&format!("{i:04}/{}", "x".repeat(2000)), Kind::File, b"two"))
+            .collect();
+        append(&mut store, &long);
+        assert!(wal_len() >= WAL_FOLDED_AT_CLOSE);
+        drop(store);
+        assert_eq!(wal_len(), 0, "a long WAL is folded in at close");
+        let store = HistoryStore::open(&db).unwrap();
+        assert_eq!(store.latest_all().unwrap().len(), 3001);
     }
 
     #[test]
