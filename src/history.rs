@@ -303,7 +303,9 @@ pub struct HistoryStore {
 }
 
 /// A WAL this long is folded into the database when its store is dropped;
-/// shorter ones wait for a later run (the WAL is as safe as the database).
+/// shorter ones wait for a later run. A killed process loses nothing of a WAL;
+/// a power loss may lose its last commits (`synchronous = NORMAL`), never the
+/// database.
 const WAL_FOLDED_AT_CLOSE: u64 = 4 << 20;
 
 impl Drop for HistoryStore {
