@@ -244,6 +244,14 @@ async fn unshared_folders_bad_frames_and_bad_paths_are_refused_and_others_still_
     a.ok(&["folder", "add", "private", private.to_str().unwrap()]);
     write(&a.folder, "shared.txt", b"shared");
     let addr = a.start();
+    // The daemon listens before its first scan ends: wait for the first round
+    // of both folders, so that the shared one's changes hold `shared.txt`.
+    wait_for("the first round", || {
+        let folders = &a.status()["status"]["folders"];
+        folders
+            .as_array()
+            .is_some_and(|all| all.len() == 2 && all.iter().all(|f| f["last_synced"].is_u64()))
+    });
     let timeout = Duration::from_secs(20);
 
     // A folder not shared with B: refused.
