@@ -1365,10 +1365,7 @@ impl Merger<'_> {
         Ok(())
     }
 
-    /// A temp file beside `rel` (its parent is made ready first). In the target's
-    /// own directory, as rsync does: ext4 allocates the inode near its directory,
-    /// where a single temp directory makes every new file search the same inode
-    /// group (most of a first sync's time went there). The scan removes leftovers.
+    /// Removes an empty directory; those known ready may have been under it.
     fn remove_dir(&mut self, abs: &Path) -> std::io::Result<()> {
         self.ready_dirs.clear();
         fs::remove_dir(abs)
@@ -1385,6 +1382,10 @@ impl Merger<'_> {
         Ok(())
     }
 
+    /// A temp file beside `rel` (its parent is made ready first). In the target's
+    /// own directory, as rsync does: ext4 allocates the inode near its directory,
+    /// where a single temp directory makes every new file search the same inode
+    /// group (most of a first sync's time went there). The scan removes leftovers.
     fn temp_path(&mut self, rel: &str) -> Result<PathBuf> {
         self.prepare_parent(rel)?;
         self.tmp_counter += 1;
