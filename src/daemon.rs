@@ -1008,17 +1008,7 @@ const WATCH_PAUSE: Duration = Duration::from_millis(20);
 fn watch(daemon: &Arc<Daemon>) {
     let weak = Arc::downgrade(daemon);
     let data_dir = daemon.data_dir.clone();
-    let mut last_pause = Instant::now();
-    let handler = move |event: notify::Result<notify::Event>| {
-        // Every event the kernel queues while this thread waits for one wakes
-        // it: a burst (a merge placing thousands of files here) cost as many
-        // wakeups, a fifth of the placing thread's time. Pausing a little at
-        // most every few milliseconds lets a burst's events pile up and be read
-        // in batches; the delay before a rescan is far longer anyway.
-        if last_pause.elapsed() >= WATCH_AWAKE {
-            std::thread::sleep(WATCH_PAUSE);
-            last_pause = Instant::now();
-        }
+    let handle = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         // Reads (ours included: a scan opens every directory) change nothing.
         if matches!(event.kind, notify::EventKind::Access(_)) {
@@ -1056,6 +1046,20 @@ fn watch(daemon: &Arc<Daemon>) {
         let changed: Vec<PathBuf> = event.paths.iter().filter(|p| !ours(p)).cloned().collect();
         if !changed.is_empty() || event.need_rescan() {
             daemon.files_changed(&changed, event.need_rescan());
+        }
+    };
+    // Every event the kernel queues while this thread waits for one wakes it: a
+    // burst (a merge placing thousands of files here) cost as many wakeups, a
+    // fifth of the placing thread's time. Pausing a little after an event, at
+    // most every few milliseconds, lets the rest of a burst pile up and be read
+    // in batches. The event itself is handled first: `latus wait --scanned`
+    // must learn of a change at once.
+    let mut last_pause = Instant::now();
+    let handler = move |event: notify::Result<notify::Event>| {
+        handle(event);
+        if last_pause.elapsed() >= WATCH_AWAKE {
+            std::thread::sleep(WATCH_PAUSE);
+            last_pause = Instant::now();
         }
     };
     // Creations, removals, writes, metadata and renames: not opens and closes,
