@@ -1008,7 +1008,7 @@ const WATCH_PAUSE: Duration = Duration::from_millis(20);
 fn watch(daemon: &Arc<Daemon>) {
     let weak = Arc::downgrade(daemon);
     let data_dir = daemon.data_dir.clone();
-    let handle = move |event: notify::Result<notify::Event>| {
+    let take_event = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         // Reads (ours included: a scan opens every directory) change nothing.
         if matches!(event.kind, notify::EventKind::Access(_)) {
@@ -1056,7 +1056,7 @@ fn watch(daemon: &Arc<Daemon>) {
     // must learn of a change at once.
     let mut last_pause = Instant::now();
     let handler = move |event: notify::Result<notify::Event>| {
-        handle(event);
+        take_event(event);
         if last_pause.elapsed() >= WATCH_AWAKE {
             std::thread::sleep(WATCH_PAUSE);
             last_pause = Instant::now();
