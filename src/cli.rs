@@ -16,6 +16,7 @@ use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use latus::daemon::WaitMark;
 use latus::device::{Home, PeerId};
 use latus::device_sync;
 use latus::folder::Folder;
@@ -134,9 +135,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Wait until the running `latus serve` has FOLDER in sync: the changes it
-    /// noticed on disk scanned and shown to peers, and what its connected peers
-    /// announced applied. Prints how far the folder's history is shown to peers.
+    /// Wait until the running `latus serve` has FOLDER in sync: the changes made
+    /// on disk before this command scanned and shown to peers, and what its
+    /// connected peers announced applied. Prints how far the folder's history is
+    /// shown to peers.
     Wait {
         folder: String,
         /// Only until this device's own changes are scanned and shown to peers.
@@ -721,6 +723,10 @@ const WAIT_FOR_DAEMON: Duration = Duration::from_secs(5);
 fn wait_in_sync(home: &Home, folder: &str, until: &InSync, timeout: f64, json: bool) -> Result<()> {
     let started = std::time::Instant::now();
     let deadline = started + Duration::from_secs_f64(timeout.max(0.0));
+    // A change made on disk just before this command may not be read by the
+    // daemon's watcher yet: the answer waits until it has read a mark made after.
+    let needs_mark = !matches!(until, InSync::Applied { .. });
+    let mut mark = None;
     loop {
         let status = latus::daemon::read_status(home)?;
         if status.is_none() && started.elapsed() >= WAIT_FOR_DAEMON.min(deadline - started) {
@@ -730,15 +736,20 @@ fn wait_in_sync(home: &Home, folder: &str, until: &InSync, timeout: f64, json: b
             .as_ref()
             .and_then(|status| Some((status, status.folders.iter().find(|f| f.id == folder)?)));
         if let Some((status, found)) = found {
-            let done = match until {
-                InSync::Fully => status.in_sync(found),
-                InSync::Scanned => found.scanned(),
-                InSync::Applied { peer, seq } => status
-                    .peers
-                    .iter()
-                    .find(|p| p.id == *peer || p.name == *peer)
-                    .is_some_and(|p| found.has_applied(&p.name, *seq)),
-            };
+            if needs_mark && mark.is_none() && status.wait_marks.is_some() {
+                mark = Some(WaitMark::make(home)?);
+            }
+            let marked = mark.as_ref().is_none_or(|mark| status.has_read(mark));
+            let done = marked
+                && match until {
+                    InSync::Fully => status.in_sync(found),
+                    InSync::Scanned => found.scanned(),
+                    InSync::Applied { peer, seq } => status
+                        .peers
+                        .iter()
+                        .find(|p| p.id == *peer || p.name == *peer)
+                        .is_some_and(|p| found.has_applied(&p.name, *seq)),
+                };
             if done {
                 if json {
                     println!(
@@ -754,8 +765,11 @@ fn wait_in_sync(home: &Home, folder: &str, until: &InSync, timeout: f64, json: b
         if std::time::Instant::now() >= deadline {
             let why = match found {
                 None => "the daemon has no such folder".to_string(),
-                Some((_, found)) => match &found.last_error {
+                Some((status, found)) => match &found.last_error {
                     Some(error) => format!("{}, last error: {error}", found.state),
+                    None if mark.as_ref().is_some_and(|mark| !status.has_read(mark)) => {
+                        "the daemon's watcher has not read this command's wait mark".into()
+                    }
                     None => found.state.clone(),
                 },
             };

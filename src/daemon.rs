@@ -94,6 +94,15 @@ pub struct ServeOptions {
 /// The file in the data directory where a running daemon keeps its status.
 pub const STATUS_FILE: &str = "status.json";
 
+/// `latus wait` makes a file of this prefix in the data directory (its wait
+/// mark), which the daemon watches with the folders. The watcher reads events
+/// in the order they happened, so once it has read the mark's creation, every
+/// change on disk made before is known to the daemon: waiting, or scanned.
+pub const WAIT_MARK_PREFIX: &str = "wait-";
+
+/// The wait marks the status lists: far more than waits at once.
+const WAIT_MARKS_KEPT: usize = 64;
+
 /// What `latus status` shows: written by the daemon as things change.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -103,6 +112,10 @@ pub struct Status {
     pub folders: Vec<FolderStatus>,
     pub peers: Vec<PeerStatus>,
     pub xmpp: Option<XmppStatus>,
+    /// The wait marks the watcher has read, the newest last; `None` when the
+    /// data directory is not watched (and marks would never be read).
+    #[serde(default)]
+    pub wait_marks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -160,7 +173,39 @@ impl FolderStatus {
     }
 }
 
+/// A wait mark, removed when dropped (the daemon also removes those it read).
+pub struct WaitMark {
+    path: PathBuf,
+    name: String,
+}
+
+impl WaitMark {
+    pub fn make(home: &Home) -> Result<WaitMark> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_nanos());
+        let name = format!("{WAIT_MARK_PREFIX}{}-{nanos}", std::process::id());
+        let path = home.data_dir.join(&name);
+        std::fs::File::create_new(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(WaitMark { path, name })
+    }
+}
+
+impl Drop for WaitMark {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl Status {
+    /// The daemon has read `mark`: what changed on disk before it was made
+    /// shows in this status.
+    pub fn has_read(&self, mark: &WaitMark) -> bool {
+        self.wait_marks
+            .as_ref()
+            .is_some_and(|marks| marks.contains(&mark.name))
+    }
+
     /// `folder` is in sync as far as this device can tell: scanned, and each
     /// connected peer's history applied as far as that peer announced it.
     pub fn in_sync(&self, folder: &FolderStatus) -> bool {
@@ -455,6 +500,25 @@ impl Daemon {
         let (wake, condvar) = &self.wake;
         wake.lock().unwrap_or_else(|p| p.into_inner()).now = true;
         condvar.notify_all();
+    }
+
+    /// `path`, just created in the data directory, is it a wait mark: lists
+    /// it as read (after every change on disk read before it) and removes it.
+    fn read_wait_mark(&self, path: &Path) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return;
+        };
+        if !name.starts_with(WAIT_MARK_PREFIX) {
+            return;
+        }
+        self.update_status(|status| {
+            let marks = status.wait_marks.get_or_insert_with(Vec::new);
+            if marks.len() >= WAIT_MARKS_KEPT {
+                marks.remove(0);
+            }
+            marks.push(name.to_string());
+        });
+        let _ = std::fs::remove_file(path);
     }
 
     /// Something changed at `paths` (absolute): they are scanned once changes
@@ -1030,6 +1094,11 @@ fn watch(daemon: &Arc<Daemon>) {
             if shares_changed {
                 daemon.wake_up();
             }
+            if matches!(event.kind, notify::EventKind::Create(_)) {
+                for path in &event.paths {
+                    daemon.read_wait_mark(path);
+                }
+            }
             return;
         }
         // Latus's own bookkeeping is not a change to sync. (Compared as bytes:
@@ -1052,8 +1121,8 @@ fn watch(daemon: &Arc<Daemon>) {
     // burst (a merge placing thousands of files here) cost as many wakeups, a
     // fifth of the placing thread's time. Pausing a little after an event, at
     // most every few milliseconds, lets the rest of a burst pile up and be read
-    // in batches. The event itself is handled first: `latus wait --scanned`
-    // must learn of a change at once.
+    // in batches. The event itself is handled first: the first change after a
+    // quiet spell is not delayed.
     let mut last_pause = Instant::now();
     let handler = move |event: notify::Result<notify::Event>| {
         take_event(event);
@@ -1072,11 +1141,12 @@ fn watch(daemon: &Arc<Daemon>) {
             return;
         }
     };
-    if let Err(e) = watcher.watch(&daemon.data_dir, notify::RecursiveMode::NonRecursive) {
-        tracing::warn!(
+    match watcher.watch(&daemon.data_dir, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => daemon.update_status(|status| status.wait_marks = Some(Vec::new())),
+        Err(e) => tracing::warn!(
             "{}: not watched ({e}); share-list changes apply at the next round",
             daemon.data_dir.display()
-        );
+        ),
     }
     *daemon.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
     daemon.watch_folders();

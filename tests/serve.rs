@@ -434,18 +434,17 @@ fn status_shows_the_daemon_and_sigterm_stops_it_cleanly() {
 
 /// `latus wait`: the sequence A's `--scanned` prints is what B's `--applied`
 /// waits for, and once it returns B holds the new file, without any polling of
-/// B's folder. A sequence never reached times out with the reason.
+/// B's folder. `--scanned` right after a write counts that write, even when A's
+/// watcher has not read it yet. A sequence never reached times out with the reason.
 #[test]
 fn latus_wait_returns_once_a_change_is_applied_on_the_other_side() {
     let (a, b) = pair();
     let a_id = a.id();
     let mut last_seq = 0;
-    for round in 0..3u64 {
+    for round in 0..6u64 {
         let name = format!("f{round}.bin");
         let content = bytes(5000 + round as usize, round);
         write(&a.folder, &name, &content);
-        // `wait` answers for the changes the daemon noticed: give its watcher a moment.
-        std::thread::sleep(Duration::from_millis(100));
         let seq: u64 = a
             .ok(&["wait", "docs", "--scanned", "--timeout", "60"])
             .trim()
