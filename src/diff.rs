@@ -403,8 +403,18 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
 }
 
 /// Puts actions in the order the merger must run them (see [`phase`]).
-pub(crate) fn sort_actions(actions: &mut [Action]) {
-    actions.sort_by(|a, b| phase(a).cmp(&phase(b)).then_with(|| a.path().cmp(b.path())));
+pub(crate) fn sort_actions(actions: &mut Vec<Action>) {
+    // Each phase once rather than at every comparison, and indices sorted
+    // rather than the actions themselves (large): a first sync plans thousands.
+    let phases: Vec<(u8, i64)> = actions.iter().map(phase).collect();
+    let mut order: Vec<usize> = (0..actions.len()).collect();
+    order.sort_by(|&a, &b| {
+        phases[a]
+            .cmp(&phases[b])
+            .then_with(|| actions[a].path().cmp(actions[b].path()))
+    });
+    let mut unsorted: Vec<Option<Action>> = actions.drain(..).map(Some).collect();
+    actions.extend(order.into_iter().filter_map(|i| unsorted[i].take()));
 }
 
 /// The order that keeps every step possible: conflict copies out of the way,
@@ -412,7 +422,7 @@ pub(crate) fn sort_actions(actions: &mut [Action]) {
 /// deletions last, directories deepest first, and files that replace a directory
 /// once it is empty.
 fn phase(action: &Action) -> (u8, i64) {
-    let depth = action.path().matches('/').count() as i64;
+    let depth = action.path().bytes().filter(|&b| b == b'/').count() as i64;
     let over_dir = action.current.as_ref().is_some_and(|c| c.kind == Kind::Dir);
     match &action.op {
         Op::ConflictCopy { .. } => (0, 0),

@@ -123,15 +123,10 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
         report.rounds += 1;
         let started = std::time::Instant::now();
         if rescan {
-            let (scanned_a, scanned_b) = std::thread::scope(|s| {
-                let a = s.spawn(|| scan_folder(&folder_a, &mut store_a, &options.scan));
-                let b = scan_folder(&folder_b, &mut store_b, &options.scan);
-                let a = a
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::ScanAborted("the scan panicked".into())));
-                (a, b)
-            });
-            let (scanned_a, scanned_b) = (scanned_a?, scanned_b?);
+            let (scanned_a, scanned_b) = side_by_side(
+                || scan_folder(&folder_a, &mut store_a, &options.scan),
+                || scan_folder(&folder_b, &mut store_b, &options.scan),
+            )?;
             report.a.files_hashed += scanned_a.files_hashed;
             report.b.files_hashed += scanned_b.files_hashed;
             report.warnings.extend(scanned_a.warnings);
@@ -144,10 +139,16 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
         }
         let peer_a = FolderPeer::open(&folder_a)?;
         let peer_b = FolderPeer::open(&folder_b)?;
-        exchange(&mut store_a, &peer_b)?;
-        exchange(&mut store_b, &peer_a)?;
-        let plan_a = diff::plan(&store_a, &peer_b.id())?;
-        let plan_b = diff::plan(&store_b, &peer_a.id())?;
+        let (plan_a, plan_b) = side_by_side(
+            || {
+                exchange(&mut store_a, &peer_b)?;
+                diff::plan(&store_a, &peer_b.id())
+            },
+            || {
+                exchange(&mut store_b, &peer_a)?;
+                diff::plan(&store_b, &peer_a.id())
+            },
+        )?;
         report.warnings.extend(plan_a.warnings.iter().cloned());
         report.warnings.extend(plan_b.warnings.iter().cloned());
         tracing::debug!(
@@ -225,9 +226,26 @@ fn compare(
 ) -> Result<Vec<String>> {
     let peer_a = FolderPeer::open(folder_a)?;
     let peer_b = FolderPeer::open(folder_b)?;
-    exchange(store_a, &peer_b)?;
-    exchange(store_b, &peer_a)?;
+    side_by_side(|| exchange(store_a, &peer_b), || exchange(store_b, &peer_a))?;
     differences(store_a, &peer_b.id(), store_b, &peer_a.id())
+}
+
+/// Runs `a` on a thread of its own beside `b`. Each side's work writes only its
+/// own history and reads the other's own entries (not the remote ones the other
+/// side's work writes), so the two need no order.
+fn side_by_side<A: Send, B>(
+    a: impl FnOnce() -> Result<A> + Send,
+    b: impl FnOnce() -> Result<B>,
+) -> Result<(A, B)> {
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(a);
+        let b = b();
+        let a = a
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("a sync thread panicked".into())));
+        (a, b)
+    });
+    Ok((a?, b?))
 }
 
 impl SyncReport {
@@ -367,9 +385,9 @@ fn synced_state(e: &Entry) -> (Kind, u64, i64, u32, Option<crate::content::Hash>
 /// Once both were found identical, only the paths with entries since then on
 /// either side are compared.
 fn differences(
-    a: &HistoryStore,
+    a: &mut HistoryStore,
     peer_b: &PeerId,
-    b: &HistoryStore,
+    b: &mut HistoryStore,
     peer_a: &PeerId,
 ) -> Result<Vec<String>> {
     let (a_now, b_now) = match (a.identical_marks(peer_b)?, b.identical_marks(peer_a)?) {
@@ -383,7 +401,10 @@ fn differences(
             complete(&mut b_now, &a_now, b)?;
             (a_now, b_now)
         }
-        _ => (by_path(a.latest_all()?), by_path(b.latest_all()?)),
+        _ => side_by_side(
+            move || Ok(by_path(a.latest_all()?)),
+            move || Ok(by_path(b.latest_all()?)),
+        )?,
     };
     let state = |e: Option<&Entry>| e.filter(|e| e.kind != Kind::Deleted).map(synced_state);
     let mut differ: Vec<String> = a_now
