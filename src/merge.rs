@@ -534,7 +534,13 @@ impl<'a> Builder<'a> {
         let mut copied_unread = Vec::new();
         for chunk in chunks {
             if ranges {
-                if let Some(next) = self.local_range(chunk, run.as_ref(), &mut sources)? {
+                // Bytes asked for ahead are here or on their way: a local copy
+                // would only cost the lookup.
+                let local = match self.shared.peer.asked_ahead(&chunk.hash) {
+                    true => None,
+                    false => self.local_range(chunk, run.as_ref(), &mut sources)?,
+                };
+                if let Some(next) = local {
                     built.bytes_local += u64::from(chunk.len);
                     copied_unread.push(*chunk);
                     match &mut run {

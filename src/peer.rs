@@ -51,6 +51,11 @@ pub trait Peer: Sync {
     fn prefetch(&self, _wanted: &[(&str, Hash, ChunkInfo)]) -> usize {
         0
     }
+    /// `chunk` was asked for ahead and not read yet: its bytes are here or
+    /// on their way.
+    fn asked_ahead(&self, _chunk: &Hash) -> bool {
+        false
+    }
 }
 
 /// Contents whose current holders [`FolderPeer`] remembers: a file of many chunks

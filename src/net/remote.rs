@@ -358,6 +358,10 @@ impl Peer for RemoteFolder {
         })
     }
 
+    fn asked_ahead(&self, chunk: &Hash) -> bool {
+        self.prefetched.slots().by_chunk.contains_key(chunk)
+    }
+
     fn prefetch(&self, wanted_soon: &[(&str, Hash, ChunkInfo)]) -> usize {
         let mut asked = Vec::new();
         let mut covered = 0;
