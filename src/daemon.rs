@@ -100,8 +100,8 @@ pub const STATUS_FILE: &str = "status.json";
 /// change on disk made before is known to the daemon: waiting, or scanned.
 pub const WAIT_MARK_PREFIX: &str = "wait-";
 
-/// The wait marks the status lists: far more than waits at once.
-const WAIT_MARKS_KEPT: usize = 64;
+/// The wait marks the status lists: more than waits at once.
+const WAIT_MARKS_KEPT: usize = 16;
 
 /// What `latus status` shows: written by the daemon as things change.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -502,8 +502,8 @@ impl Daemon {
         condvar.notify_all();
     }
 
-    /// `path`, just created in the data directory, is it a wait mark: lists
-    /// it as read (after every change on disk read before it) and removes it.
+    /// If `path`, just created in the data directory, is a wait mark: lists it
+    /// as read (after every change on disk read before it) and removes it.
     fn read_wait_mark(&self, path: &Path) {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             return;
