@@ -181,10 +181,11 @@ pub struct WaitMark {
 
 impl WaitMark {
     pub fn make(home: &Home) -> Result<WaitMark> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.as_nanos());
-        let name = format!("{WAIT_MARK_PREFIX}{}-{nanos}", std::process::id());
+        let name = format!(
+            "{WAIT_MARK_PREFIX}{}-{}",
+            std::process::id(),
+            crate::now_ns()
+        );
         let path = home.data_dir.join(&name);
         std::fs::File::create_new(&path).map_err(|e| Error::io(&path, e))?;
         Ok(WaitMark { path, name })
