@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::folder::{Folder, TEMP_PREFIX, check_relative};
 use crate::history::{Entry, HistoryStore, Kind, Record};
 use crate::now_ns;
-use crate::peer::{Peer, is_gone, read_verified};
+use crate::peer::{Peer, is_gone, open_source, read_verified};
 use crate::scan::RACY_WINDOW_NS;
 use crate::trash::Trash;
 
@@ -532,49 +532,62 @@ impl<'a> Builder<'a> {
         let mut run: Option<LocalRun> = None;
         // Chunks copied file to file unread, checked once the copies are done.
         let mut copied_unread = Vec::new();
+        // Adjacent chunks to come from the peer, asked for together.
+        let mut from_peer: Vec<ChunkInfo> = Vec::new();
         for chunk in chunks {
-            if ranges {
-                // Bytes asked for ahead are here or on their way: a local copy
-                // would only cost the lookup.
-                let local = match self.shared.peer.asked_ahead(&chunk.hash) {
-                    true => None,
-                    false => self.local_range(chunk, run.as_ref(), &mut sources)?,
-                };
-                if let Some(next) = local {
-                    built.bytes_local += u64::from(chunk.len);
-                    copied_unread.push(*chunk);
-                    match &mut run {
-                        Some(current) if current.continues_with(&next) => current.len += next.len,
-                        _ => {
-                            if let Some(done) = run.replace(next) {
-                                done.copy(&sources, &output, temp)?;
-                            }
+            if !ranges {
+                match self.local_chunk(chunk)? {
+                    Some(bytes) => {
+                        built.bytes_local += bytes.len() as u64;
+                        output
+                            .write_all_at(&bytes, chunk.offset)
+                            .map_err(|e| Error::io(temp, e))?;
+                    }
+                    None => {
+                        from_peer.push(*chunk);
+                        if !self.fetch(
+                            target,
+                            &content,
+                            &mut from_peer,
+                            &output,
+                            temp,
+                            &mut built,
+                        )? {
+                            return Ok(Assembled::Unavailable);
                         }
                     }
-                    continue;
                 }
+                continue;
+            }
+            // Bytes asked for ahead are here or on their way: a local copy
+            // would only cost the lookup.
+            let local = match self.shared.peer.asked_ahead(&chunk.hash) {
+                true => None,
+                false => self.local_range(chunk, run.as_ref(), &mut sources)?,
+            };
+            let Some(next) = local else {
                 if let Some(done) = run.take() {
                     done.copy(&sources, &output, temp)?;
                 }
-            }
-            // Bytes read here have the chunk's hash: local ones are checked as
-            // they are read, and the peer checks those it returns.
-            let bytes = match (!ranges).then(|| self.local_chunk(chunk)).transpose()? {
-                Some(Some(bytes)) => {
-                    built.bytes_local += bytes.len() as u64;
-                    bytes
-                }
-                _ => match self.shared.peer.read_chunk(&target.path, &content, chunk)? {
-                    Some(bytes) => {
-                        built.bytes_fetched += bytes.len() as u64;
-                        bytes
-                    }
-                    None => return Ok(Assembled::Unavailable),
-                },
+                from_peer.push(*chunk);
+                continue;
             };
-            output
-                .write_all_at(&bytes, chunk.offset)
-                .map_err(|e| Error::io(temp, e))?;
+            if !self.fetch(target, &content, &mut from_peer, &output, temp, &mut built)? {
+                return Ok(Assembled::Unavailable);
+            }
+            built.bytes_local += u64::from(chunk.len);
+            copied_unread.push(*chunk);
+            match &mut run {
+                Some(current) if current.continues_with(&next) => current.len += next.len,
+                _ => {
+                    if let Some(done) = run.replace(next) {
+                        done.copy(&sources, &output, temp)?;
+                    }
+                }
+            }
+        }
+        if !self.fetch(target, &content, &mut from_peer, &output, temp, &mut built)? {
+            return Ok(Assembled::Unavailable);
         }
         if let Some(done) = run.take() {
             done.copy(&sources, &output, temp)?;
@@ -584,6 +597,46 @@ impl<'a> Builder<'a> {
         }
         finish_file(output, temp, target, file_mode(target))?;
         Ok(Assembled::Done(built))
+    }
+
+    /// Writes `run` (adjacent chunks of `content`) into `output` from the peer,
+    /// and empties it: copied file to file where the peer can vouch for the
+    /// bytes unread, else read chunk by chunk, each checked against its hash
+    /// (the peer checks what it returns). `false` if some chunk is not available.
+    fn fetch(
+        &self,
+        target: &Entry,
+        content: &Hash,
+        run: &mut Vec<ChunkInfo>,
+        output: &File,
+        temp: &Path,
+        built: &mut Built,
+    ) -> Result<bool> {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Ok(true);
+        };
+        let bytes = first.offset..last.offset + u64::from(last.len);
+        // One chunk costs less to hash than the lookup of the file that holds it.
+        if run.len() > 1
+            && self
+                .shared
+                .peer
+                .copy_unread(&target.path, content, bytes.clone(), output, temp)?
+        {
+            built.bytes_fetched += bytes.end - bytes.start;
+            run.clear();
+            return Ok(true);
+        }
+        for chunk in run.drain(..) {
+            let Some(bytes) = self.shared.peer.read_chunk(&target.path, content, &chunk)? else {
+                return Ok(false);
+            };
+            built.bytes_fetched += bytes.len() as u64;
+            output
+                .write_all_at(&bytes, chunk.offset)
+                .map_err(|e| Error::io(temp, e))?;
+        }
+        Ok(true)
     }
 
     /// The partial file to assemble `content` in, if builds are resumable and no
@@ -772,11 +825,7 @@ impl LocalSources {
             return Ok(*known);
         }
         let path = root.join(&entry.path);
-        let opened = match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-        {
+        let opened = match open_source(&path) {
             Ok(file) => {
                 let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
                 let same = meta.is_file()
@@ -820,7 +869,13 @@ impl LocalRun {
 /// and as a clone of the extents where the file system has reflinks (XFS,
 /// Btrfs), so an append to a large file writes little more than the appended
 /// bytes there. Falls back to reading and writing where the call is refused.
-fn copy_range(input: &File, from: u64, output: &File, to: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn copy_range(
+    input: &File,
+    from: u64,
+    output: &File,
+    to: u64,
+    len: u64,
+) -> std::io::Result<()> {
     let (mut from, mut to, mut left) = (from, to, len);
     while left > 0 {
         let mut off_in = from as libc::loff_t;

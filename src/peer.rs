@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::ErrorKind;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use crate::device::PeerId;
 use crate::error::{Error, Result};
 use crate::folder::{Folder, check_relative};
 use crate::history::{Entry, HistoryStore, Kind};
+use crate::merge::copy_range;
 use crate::scan::Stat;
 
 /// `Sync`: the merger builds several files at once, each asking for chunks.
@@ -55,6 +58,21 @@ pub trait Peer: Sync {
     /// on their way.
     fn asked_ahead(&self, _chunk: &Hash) -> bool {
         false
+    }
+    /// Copies `bytes` of `content`, which it announced at `path`, into `output`
+    /// at the same offsets, file to file and unread, when it can vouch for them
+    /// without hashing them: a peer on this machine whose file is still as it
+    /// was hashed. `false` when it cannot (a network peer, a changed file); the
+    /// caller then reads those chunks, and overwrites whatever was copied.
+    fn copy_unread(
+        &self,
+        _path: &str,
+        _content: &Hash,
+        _bytes: Range<u64>,
+        _output: &File,
+        _output_path: &Path,
+    ) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -100,11 +118,7 @@ impl FolderPeer {
             return Ok(None);
         }
         let abs = self.root.join(path);
-        let file = match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&abs)
-        {
+        let file = match open_source(&abs) {
             Ok(file) => file,
             Err(e) if is_gone(&e) => return Ok(None),
             Err(e) => return Err(Error::io(&abs, e)),
@@ -150,6 +164,21 @@ impl Peer for FolderPeer {
             return Ok(Some(bytes));
         }
         self.read_from_history(path, content, chunk, ReadCheck::Hash)
+    }
+
+    fn copy_unread(
+        &self,
+        path: &str,
+        content: &Hash,
+        bytes: Range<u64>,
+        output: &File,
+        output_path: &Path,
+    ) -> Result<bool> {
+        let holders = self.holders_of(content)?;
+        match holders.iter().find(|entry| entry.path == path) {
+            Some(entry) => copy_if_unchanged(&self.root, entry, bytes, output, output_path),
+            None => Ok(false),
+        }
     }
 }
 
@@ -264,11 +293,7 @@ fn read_checked(
         return not_here();
     }
     let path = root.join(&entry.path);
-    let file = match File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&path)
-    {
+    let file = match open_source(&path) {
         Ok(file) => file,
         Err(e) if is_gone(&e) => return not_here(),
         Err(e) => return Err(Error::io(&path, e)),
@@ -301,6 +326,53 @@ fn read_checked(
         .zip(wanted)
         .map(|(bytes, (_, chunk))| bytes.filter(|bytes| Hash::of(bytes) == chunk.hash))
         .collect())
+}
+
+/// Copies `bytes` of the file `entry` describes into `output` at the same
+/// offsets, if the file passes the scanner's test of an unchanged file before
+/// and after the copy (as [`ReadCheck::StatOrHash`]): the bytes copied are then
+/// those that were hashed. `false` otherwise.
+fn copy_if_unchanged(
+    root: &Path,
+    entry: &Entry,
+    bytes: Range<u64>,
+    output: &File,
+    output_path: &Path,
+) -> Result<bool> {
+    let path = root.join(&entry.path);
+    let file = match open_source(&path) {
+        Ok(file) => file,
+        Err(e) if is_gone(&e) => return Ok(false),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let stat = |file: &File| {
+        let meta = file.metadata().ok().filter(|meta| meta.is_file());
+        meta.map(|meta| Stat::of(&meta))
+    };
+    let Some(before) = stat(&file).filter(|before| before.matches(entry)) else {
+        return Ok(false);
+    };
+    match copy_range(
+        &file,
+        bytes.start,
+        output,
+        bytes.start,
+        bytes.end - bytes.start,
+    ) {
+        Ok(()) => Ok(stat(&file) == Some(before)),
+        // The file shrank meanwhile.
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io(output_path, e)),
+    }
+}
+
+/// Opens a file of a folder to read chunks from: not through a symlink, and
+/// without waiting on a FIFO put in its place.
+pub(crate) fn open_source(path: &Path) -> std::io::Result<File> {
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// `len` bytes of `file` from `offset`; `None` if it ends before. The buffer is

@@ -6,8 +6,9 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{bytes, files, trashed, tree, write};
+use common::{backdate, bytes, files, trashed, tree, write};
 use latus::content::Hash;
 use latus::diff;
 use latus::folder::Folder;
@@ -368,6 +369,101 @@ fn a_local_chunk_source_that_changed_unseen_is_not_trusted() {
     // The appended MiB and the changed chunk came from A; the rest from old.bin.
     assert!(merged.bytes_fetched > 1 << 20, "{}", merged.bytes_fetched);
     assert!(merged.bytes_fetched < (1 << 20) + 3 * 256 * 1024);
+}
+
+/// A folder peer that counts the chunks it is asked to read one by one,
+/// beside the runs it copies unread.
+struct CountsChunkReads<'a> {
+    peer: &'a FolderPeer,
+    reads: AtomicUsize,
+}
+
+impl Peer for CountsChunkReads<'_> {
+    fn id(&self) -> latus::device::PeerId {
+        self.peer.id()
+    }
+    fn changes_since(&self, seq: u64, limit: usize) -> latus::Result<Vec<latus::history::Entry>> {
+        self.peer.changes_since(seq, limit)
+    }
+    fn chunks_of(&self, content: &Hash) -> latus::Result<Vec<latus::content::ChunkInfo>> {
+        self.peer.chunks_of(content)
+    }
+    fn read_chunk(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunk: &latus::content::ChunkInfo,
+    ) -> latus::Result<Option<Vec<u8>>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.peer.read_chunk(path, content, chunk)
+    }
+    fn copy_unread(
+        &self,
+        path: &str,
+        content: &Hash,
+        bytes: std::ops::Range<u64>,
+        output: &fs::File,
+        output_path: &std::path::Path,
+    ) -> latus::Result<bool> {
+        self.peer
+            .copy_unread(path, content, bytes, output, output_path)
+    }
+}
+
+/// Scans A, whose `big.bin` (4 MiB, many chunks) B lacks, and applies B's
+/// plan through a [`CountsChunkReads`], after `meanwhile` ran on A's file.
+fn apply_big_file_to_b(
+    p: &Pair,
+    content: &[u8],
+    meanwhile: impl FnOnce(&std::path::Path),
+) -> (merge::MergeReport, usize) {
+    write(&p.a, "big.bin", content);
+    // Not modified within the scan's racy window: its stat alone vouches for it.
+    backdate(&p.a);
+    let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
+    assert_eq!(plan.actions.len(), 1);
+    meanwhile(&p.a.join("big.bin"));
+    let counting = CountsChunkReads {
+        peer: &peer_a,
+        reads: AtomicUsize::new(0),
+    };
+    let merged = merge::apply(&fb, &mut sb, &counting, plan, &MergeOptions::default()).unwrap();
+    (merged, counting.reads.load(Ordering::Relaxed))
+}
+
+#[test]
+fn a_file_of_a_local_peer_unchanged_since_its_scan_is_copied_unread() {
+    let p = Pair::new();
+    let content = bytes(4 << 20, 31);
+    let (merged, chunks_read) = apply_big_file_to_b(&p, &content, |_| {});
+    assert_eq!(merged.applied, 1);
+    assert_eq!(files(&p.b)["big.bin"], content);
+    assert_eq!(merged.bytes_fetched, 4 << 20);
+    assert_eq!(chunks_read, 0, "no chunk was read and hashed one by one");
+}
+
+#[test]
+fn a_file_of_a_local_peer_changed_unseen_since_its_scan_is_not_copied_unread() {
+    let p = Pair::new();
+    let content = bytes(4 << 20, 32);
+    let mut changed = content.clone();
+    changed[3 << 20] ^= 0xff;
+    // Rewritten in place with the same size and mtime: only its ctime tells.
+    let (merged, chunks_read) = apply_big_file_to_b(&p, &content, |path| {
+        let mtime = fs::metadata(path).unwrap().modified().unwrap();
+        fs::write(path, &changed).unwrap();
+        let file = fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(mtime).unwrap();
+    });
+    assert!(chunks_read > 0);
+    // The changed chunk is not the one announced: nothing is placed under a
+    // hash its bytes do not have, and the path waits for the next round.
+    assert_eq!(merged.applied, 0);
+    assert_eq!(merged.deferred, ["big.bin"]);
+    assert!(!p.b.join("big.bin").exists());
+    let report = p.converge();
+    assert_eq!(files(&p.b)["big.bin"], changed);
+    assert!(report.identical);
 }
 
 #[test]
