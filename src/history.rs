@@ -327,6 +327,28 @@ impl Drop for HistoryStore {
     }
 }
 
+/// The queries of [`HistoryStore::latest_changed_since`]: the current entries
+/// here, then in peer `?1`'s history, of the paths with an entry after `?2` here
+/// or after `?3` there.
+fn changed_since_queries() -> [String; 2] {
+    // UNION ALL, as `IN` ignores duplicates: with UNION, SQLite 3.54 merged the
+    // two sides in path order, reading every entry of both indexes (12 ms a
+    // query for 20k paths, not 2).
+    const CHANGED: &str = "SELECT path FROM entries WHERE seq > ?2 \
+         UNION ALL SELECT path FROM remote_entries WHERE peer = ?1 AND seq > ?3";
+    [
+        format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries AS e WHERE path IN ({CHANGED}) \
+             AND seq = (SELECT MAX(seq) FROM entries WHERE path = e.path)"
+        ),
+        format!(
+            "SELECT {REMOTE_COLUMNS} FROM remote_entries AS r \
+             INDEXED BY remote_entries_by_path WHERE peer = ?1 AND path IN ({CHANGED}) \
+             AND seq = (SELECT MAX(seq) FROM remote_entries WHERE peer = ?1 AND path = r.path)"
+        ),
+    ]
+}
+
 /// A read transaction of a [`HistoryStore`], ended when dropped.
 pub struct Snapshot<'a> {
     _transaction: Option<rusqlite::Transaction<'a>>,
@@ -784,24 +806,10 @@ impl HistoryStore {
         peer: &PeerId,
         marks: IdenticalMarks,
     ) -> Result<(Vec<Entry>, Vec<Entry>)> {
-        const CHANGED: &str = "SELECT path FROM entries WHERE seq > ?2 \
-             UNION SELECT path FROM remote_entries WHERE peer = ?1 AND seq > ?3";
+        let [mine, theirs] = changed_since_queries();
         let params = params![&peer.0[..], marks.local_seq as i64, marks.remote_seq as i64];
-        let mine = self.query_entries(
-            &format!(
-                "SELECT {ENTRY_COLUMNS} FROM entries AS e WHERE path IN ({CHANGED}) \
-                 AND seq = (SELECT MAX(seq) FROM entries WHERE path = e.path)"
-            ),
-            params,
-        )?;
-        let theirs = self.query_entries(
-            &format!(
-                "SELECT {REMOTE_COLUMNS} FROM remote_entries AS r \
-                 INDEXED BY remote_entries_by_path WHERE peer = ?1 AND path IN ({CHANGED}) \
-                 AND seq = (SELECT MAX(seq) FROM remote_entries WHERE peer = ?1 AND path = r.path)"
-            ),
-            params,
-        )?;
+        let mine = self.query_entries(&mine, params)?;
+        let theirs = self.query_entries(&theirs, params)?;
         Ok((mine, theirs))
     }
 
@@ -1225,6 +1233,27 @@ mod tests {
         assert_eq!(store.latest_existing().unwrap()[0].path, "a");
         assert_eq!(store.latest_existing().unwrap().len(), 1);
         assert_eq!(store.last_seq().unwrap(), 4);
+    }
+
+    #[test]
+    fn paths_changed_since_the_marks_are_found_by_sequence_not_by_reading_every_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HistoryStore::open(&dir.path().join("h.db")).unwrap();
+        for sql in changed_since_queries() {
+            let mut explain = store
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let plan: Vec<String> = explain
+                .query_map(params![&[0u8; 32][..], 0, 0], |row| row.get(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert!(
+                !plan.iter().any(|step| step.starts_with("SCAN")),
+                "{plan:?}"
+            );
+        }
     }
 
     #[test]
