@@ -72,14 +72,26 @@ impl Pair {
     }
 }
 
-/// A peer that answers at most `at_most` history entries at a time, as a
-/// network peer does (5,000).
-struct AnswersInSmallBatches<'a> {
+/// A folder peer as the engine sees it, watched: it answers at most `at_most`
+/// history entries at a time, as a network peer does (5,000), and counts the
+/// chunks it is asked to read one by one (beside the runs it copies unread).
+struct WatchedPeer<'a> {
     peer: &'a FolderPeer,
     at_most: usize,
+    chunk_reads: AtomicUsize,
 }
 
-impl Peer for AnswersInSmallBatches<'_> {
+impl<'a> WatchedPeer<'a> {
+    fn new(peer: &'a FolderPeer, at_most: usize) -> Self {
+        WatchedPeer {
+            peer,
+            at_most,
+            chunk_reads: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Peer for WatchedPeer<'_> {
     fn id(&self) -> latus::device::PeerId {
         self.peer.id()
     }
@@ -95,7 +107,19 @@ impl Peer for AnswersInSmallBatches<'_> {
         content: &Hash,
         chunk: &latus::content::ChunkInfo,
     ) -> latus::Result<Option<Vec<u8>>> {
+        self.chunk_reads.fetch_add(1, Ordering::Relaxed);
         self.peer.read_chunk(path, content, chunk)
+    }
+    fn copy_unread(
+        &self,
+        path: &str,
+        content: &Hash,
+        bytes: std::ops::Range<u64>,
+        output: &fs::File,
+        output_path: &std::path::Path,
+    ) -> latus::Result<bool> {
+        self.peer
+            .copy_unread(path, content, bytes, output, output_path)
     }
 }
 
@@ -113,10 +137,7 @@ fn an_exchange_receives_every_entry_of_a_peer_that_answers_in_small_batches() {
         );
     }
     let (_, sa, mut sb, peer) = p.scan_a_open_b();
-    let capped = AnswersInSmallBatches {
-        peer: &peer,
-        at_most: 4,
-    };
+    let capped = WatchedPeer::new(&peer, 4);
     latus::sync::exchange_with(&mut sb, &capped, None).unwrap();
     assert_eq!(
         sb.remote_state(&peer.id()).unwrap().map(|(seq, _)| seq),
@@ -371,47 +392,8 @@ fn a_local_chunk_source_that_changed_unseen_is_not_trusted() {
     assert!(merged.bytes_fetched < (1 << 20) + 3 * 256 * 1024);
 }
 
-/// A folder peer that counts the chunks it is asked to read one by one,
-/// beside the runs it copies unread.
-struct CountsChunkReads<'a> {
-    peer: &'a FolderPeer,
-    reads: AtomicUsize,
-}
-
-impl Peer for CountsChunkReads<'_> {
-    fn id(&self) -> latus::device::PeerId {
-        self.peer.id()
-    }
-    fn changes_since(&self, seq: u64, limit: usize) -> latus::Result<Vec<latus::history::Entry>> {
-        self.peer.changes_since(seq, limit)
-    }
-    fn chunks_of(&self, content: &Hash) -> latus::Result<Vec<latus::content::ChunkInfo>> {
-        self.peer.chunks_of(content)
-    }
-    fn read_chunk(
-        &self,
-        path: &str,
-        content: &Hash,
-        chunk: &latus::content::ChunkInfo,
-    ) -> latus::Result<Option<Vec<u8>>> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.peer.read_chunk(path, content, chunk)
-    }
-    fn copy_unread(
-        &self,
-        path: &str,
-        content: &Hash,
-        bytes: std::ops::Range<u64>,
-        output: &fs::File,
-        output_path: &std::path::Path,
-    ) -> latus::Result<bool> {
-        self.peer
-            .copy_unread(path, content, bytes, output, output_path)
-    }
-}
-
 /// Scans A, whose `big.bin` (4 MiB, many chunks) B lacks, and applies B's
-/// plan through a [`CountsChunkReads`], after `meanwhile` ran on A's file.
+/// plan through a [`WatchedPeer`], after `meanwhile` ran on A's file.
 fn apply_big_file_to_b(
     p: &Pair,
     content: &[u8],
@@ -423,12 +405,9 @@ fn apply_big_file_to_b(
     let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
     assert_eq!(plan.actions.len(), 1);
     meanwhile(&p.a.join("big.bin"));
-    let counting = CountsChunkReads {
-        peer: &peer_a,
-        reads: AtomicUsize::new(0),
-    };
-    let merged = merge::apply(&fb, &mut sb, &counting, plan, &MergeOptions::default()).unwrap();
-    (merged, counting.reads.load(Ordering::Relaxed))
+    let watched = WatchedPeer::new(&peer_a, usize::MAX);
+    let merged = merge::apply(&fb, &mut sb, &watched, plan, &MergeOptions::default()).unwrap();
+    (merged, watched.chunk_reads.load(Ordering::Relaxed))
 }
 
 #[test]
