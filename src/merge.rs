@@ -536,26 +536,14 @@ impl<'a> Builder<'a> {
         let mut from_peer: Vec<ChunkInfo> = Vec::new();
         for chunk in chunks {
             if !ranges {
-                match self.local_chunk(chunk)? {
-                    Some(bytes) => {
-                        built.bytes_local += bytes.len() as u64;
-                        output
-                            .write_all_at(&bytes, chunk.offset)
-                            .map_err(|e| Error::io(temp, e))?;
-                    }
-                    None => {
-                        from_peer.push(*chunk);
-                        if !self.fetch(
-                            target,
-                            &content,
-                            &mut from_peer,
-                            &output,
-                            temp,
-                            &mut built,
-                        )? {
-                            return Ok(Assembled::Unavailable);
-                        }
-                    }
+                let one = std::slice::from_ref(chunk);
+                if let Some(bytes) = self.local_chunk(chunk)? {
+                    built.bytes_local += bytes.len() as u64;
+                    output
+                        .write_all_at(&bytes, chunk.offset)
+                        .map_err(|e| Error::io(temp, e))?;
+                } else if !self.fetch(target, &content, one, &output, temp, &mut built)? {
+                    return Ok(Assembled::Unavailable);
                 }
                 continue;
             }
@@ -572,9 +560,10 @@ impl<'a> Builder<'a> {
                 from_peer.push(*chunk);
                 continue;
             };
-            if !self.fetch(target, &content, &mut from_peer, &output, temp, &mut built)? {
+            if !self.fetch(target, &content, &from_peer, &output, temp, &mut built)? {
                 return Ok(Assembled::Unavailable);
             }
+            from_peer.clear();
             built.bytes_local += u64::from(chunk.len);
             copied_unread.push(*chunk);
             match &mut run {
@@ -586,7 +575,7 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        if !self.fetch(target, &content, &mut from_peer, &output, temp, &mut built)? {
+        if !self.fetch(target, &content, &from_peer, &output, temp, &mut built)? {
             return Ok(Assembled::Unavailable);
         }
         if let Some(done) = run.take() {
@@ -599,15 +588,15 @@ impl<'a> Builder<'a> {
         Ok(Assembled::Done(built))
     }
 
-    /// Writes `run` (adjacent chunks of `content`) into `output` from the peer,
-    /// and empties it: copied file to file where the peer can vouch for the
-    /// bytes unread, else read chunk by chunk, each checked against its hash
-    /// (the peer checks what it returns). `false` if some chunk is not available.
+    /// Writes `run` (adjacent chunks of `content`) into `output` from the peer:
+    /// copied file to file where the peer can vouch for the bytes unread, else
+    /// read chunk by chunk, each checked against its hash (the peer checks what
+    /// it returns). `false` if some chunk is not available.
     fn fetch(
         &self,
         target: &Entry,
         content: &Hash,
-        run: &mut Vec<ChunkInfo>,
+        run: &[ChunkInfo],
         output: &File,
         temp: &Path,
         built: &mut Built,
@@ -624,11 +613,10 @@ impl<'a> Builder<'a> {
                 .copy_unread(&target.path, content, bytes.clone(), output, temp)?
         {
             built.bytes_fetched += bytes.end - bytes.start;
-            run.clear();
             return Ok(true);
         }
-        for chunk in run.drain(..) {
-            let Some(bytes) = self.shared.peer.read_chunk(&target.path, content, &chunk)? else {
+        for chunk in run {
+            let Some(bytes) = self.shared.peer.read_chunk(&target.path, content, chunk)? else {
                 return Ok(false);
             };
             built.bytes_fetched += bytes.len() as u64;

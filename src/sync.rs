@@ -383,7 +383,8 @@ fn synced_state(e: &Entry) -> (Kind, u64, i64, u32, Option<crate::content::Hash>
 
 /// Paths whose current state differs between the two histories (at most 20).
 /// Once both were found identical, only the paths with entries since then on
-/// either side are compared.
+/// either side are compared. (`&mut`: a store can go to another thread, not be
+/// shared with one, and each side's history may be read on a thread of its own.)
 fn differences(
     a: &mut HistoryStore,
     peer_b: &PeerId,
