@@ -286,7 +286,45 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
         Some(marks) => store.latest_changed_since(peer, marks)?,
         None => (store.latest_all()?, store.remote_latest_all(peer)?),
     };
-    let local = LocalFiles::new(store, mine, marks.is_none());
+    plan_paths(
+        store,
+        peer,
+        LocalFiles::new(store, mine, marks.is_none()),
+        theirs,
+    )
+}
+
+/// Plans the paths of `received`, entries of `peer`'s just received (the latest
+/// of each path among them is its current version), and of those alone: for a
+/// side that applies what it receives while the peer's scan goes on.
+pub fn plan_received(store: &HistoryStore, peer: &PeerId, received: Vec<Entry>) -> Result<Plan> {
+    let _snapshot = store.read_snapshot()?;
+    let mut theirs: HashMap<String, Entry> = HashMap::with_capacity(received.len());
+    for entry in received {
+        match theirs.get(&entry.path) {
+            Some(known) if known.seq > entry.seq => {}
+            _ => {
+                theirs.insert(entry.path.clone(), entry);
+            }
+        }
+    }
+    let mut mine = Vec::new();
+    for path in theirs.keys() {
+        mine.extend(store.latest_by_path(path)?);
+    }
+    // In path order, as a whole plan goes: conflict copies get the same names.
+    let mut theirs: Vec<Entry> = theirs.into_values().collect();
+    theirs.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    plan_paths(store, peer, LocalFiles::new(store, mine, false), theirs)
+}
+
+/// Plans the paths of `theirs` (the peer's current entries), against `local`.
+fn plan_paths(
+    store: &HistoryStore,
+    peer: &PeerId,
+    local: LocalFiles<'_>,
+    theirs: Vec<Entry>,
+) -> Result<Plan> {
     let mine = &local.by_path;
     let mut plan = Plan::default();
     let mut takes: Vec<(Entry, Option<Entry>)> = Vec::new();

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -14,7 +15,7 @@ use crate::folder::Folder;
 use crate::history::{Entry, HistoryStore, Kind};
 use crate::merge::{self, MergeOptions, MergeReport};
 use crate::peer::{FolderPeer, Peer};
-use crate::scan::{self, ScanOptions};
+use crate::scan::{self, ScanObserver, ScanOptions};
 use crate::trash;
 
 /// History entries per exchange request.
@@ -117,6 +118,36 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
     };
 
     let mut rescan = true;
+    if !options.dry_run {
+        let (empty_a, empty_b) = (
+            is_empty(&folder_a, &store_a)?,
+            is_empty(&folder_b, &store_b)?,
+        );
+        let filled = match (empty_a, empty_b) {
+            (false, true) => Some(fill_while_scanning(
+                (&folder_a, &mut store_a),
+                (&folder_b, &mut store_b),
+                false,
+                options,
+                &mut report,
+            )?),
+            (true, false) => Some(fill_while_scanning(
+                (&folder_b, &mut store_b),
+                (&folder_a, &mut store_a),
+                true,
+                options,
+                &mut report,
+            )?),
+            _ => None,
+        };
+        if let Some(filled) = filled {
+            if report.interrupted {
+                return Ok(report);
+            }
+            // Both sides are scanned: a round now plans what is left.
+            rescan = filled.deferred;
+        }
+    }
     // The differences found right after a round that applied everything.
     let mut compared = None;
     while report.rounds < options.max_rounds {
@@ -216,6 +247,132 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
     Ok(report)
 }
 
+/// Whether `folder` holds nothing and its history has no entry: a new folder
+/// (its `.latus/` was made by this sync).
+fn is_empty(folder: &Folder, store: &HistoryStore) -> Result<bool> {
+    if store.last_seq()? != 0 {
+        return Ok(false);
+    }
+    let root = folder.root();
+    for child in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+        let child = child.map_err(|e| Error::io(root, e))?;
+        if child.file_name() != crate::folder::MARKER_DIR {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// What [`fill_while_scanning`] left to the rounds after it.
+struct Filled {
+    /// Some action waits for a rescan.
+    deferred: bool,
+}
+
+/// Tells the thread filling the empty side that the scan committed a batch,
+/// and passes everything on to the caller's observer, if any.
+struct BatchSignal {
+    committed: crossbeam_channel::Sender<()>,
+    inner: Option<Arc<dyn ScanObserver>>,
+}
+
+impl ScanObserver for BatchSignal {
+    fn bytes_read(&self, path: &str, bytes: u64) {
+        if let Some(inner) = &self.inner {
+            inner.bytes_read(path, bytes);
+        }
+    }
+
+    fn entry_walked(&self) {
+        if let Some(inner) = &self.inner {
+            inner.entry_walked();
+        }
+    }
+
+    fn batch_committed(&self, entries: usize, last_seq: u64) {
+        if let Some(inner) = &self.inner {
+            inner.batch_committed(entries, last_seq);
+        }
+        // The filling side may have stopped (an error): the scan goes on.
+        let _ = self.committed.send(());
+    }
+}
+
+/// A first sync into an empty folder: `full` is scanned while `empty` receives,
+/// plans and applies each batch that scan commits, as rsync writes while it
+/// reads, instead of waiting for the whole scan. Only `empty`'s side is applied
+/// here, and only from what the scan recorded so far: in a folder that held
+/// nothing there is nothing to move, delete or conflict with, so the partial
+/// history is safe to follow. The rounds after it plan everything again.
+fn fill_while_scanning(
+    (full, store_full): (&Folder, &mut HistoryStore),
+    (empty, store_empty): (&Folder, &mut HistoryStore),
+    empty_is_a: bool,
+    options: &SyncOptions,
+    report: &mut SyncReport,
+) -> Result<Filled> {
+    let scanned_empty = scan_folder(empty, store_empty, &options.scan)?;
+    report.warnings.extend(scanned_empty.warnings);
+    let (committed_tx, committed_rx) = crossbeam_channel::unbounded();
+    let signal = BatchSignal {
+        committed: committed_tx,
+        inner: options.scan.observer.clone(),
+    };
+    let scan_options = ScanOptions {
+        observer: Some(Arc::new(signal)),
+        ..options.scan.clone()
+    };
+    let mut deferred = false;
+    let (scanned, filled) = std::thread::scope(|s| {
+        // The options (and the signal's sender in them) go with the thread: the
+        // channel closes when the scan ends.
+        let scanner = s.spawn(move || scan_folder(full, store_full, &scan_options));
+        let filled = (|| -> Result<()> {
+            let peer = FolderPeer::open(full)?;
+            while committed_rx.recv().is_ok() {
+                while committed_rx.try_recv().is_ok() {}
+                let mut received = Vec::new();
+                receive(store_empty, &peer, peer.root().to_str(), |batch| {
+                    received.extend(batch)
+                })?;
+                let plan = diff::plan_received(store_empty, &peer.id(), received)?;
+                if plan.is_empty() {
+                    continue;
+                }
+                if !options.allow_mass_delete {
+                    check_mass_delete(empty, store_empty, &plan, options)?;
+                }
+                report.warnings.extend(plan.warnings.iter().cloned());
+                report.actions.extend(planned(empty.root(), &plan));
+                let merged = merge::apply(empty, store_empty, &peer, plan, &options.merge)?;
+                deferred |= !merged.deferred.is_empty();
+                report.interrupted = merged.interrupted;
+                report.absorb(empty_is_a, merged);
+                if report.interrupted {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        // Whatever stopped the filling, the scan ends before the sync goes on.
+        drop(committed_rx);
+        let scanned = scanner
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("a scan thread panicked".into())));
+        (scanned, filled)
+    });
+    let scanned = scanned?;
+    filled?;
+    let side = if empty_is_a {
+        &mut report.b
+    } else {
+        &mut report.a
+    };
+    side.files_hashed += scanned.files_hashed;
+    report.warnings.extend(scanned.warnings);
+    Ok(Filled { deferred })
+}
+
 /// Exchanges what each side lacks of the other's history, then lists the paths
 /// whose current state still differs.
 fn compare(
@@ -276,6 +433,16 @@ pub fn exchange(store: &mut HistoryStore, peer: &FolderPeer) -> Result<()> {
 /// Receives the entries of any peer after the last one received; `root` is
 /// where a local peer's folder is (to tell an unmounted drive later).
 pub fn exchange_with(store: &mut HistoryStore, peer: &dyn Peer, root: Option<&str>) -> Result<()> {
+    receive(store, peer, root, drop)
+}
+
+/// [`exchange_with`], handing each batch received to `keep` once stored.
+fn receive(
+    store: &mut HistoryStore,
+    peer: &dyn Peer,
+    root: Option<&str>,
+    mut keep: impl FnMut(Vec<Entry>),
+) -> Result<()> {
     let id = peer.id();
     let mut last = store.remote_state(&id)?.map_or(0, |(seq, _)| seq);
     loop {
@@ -287,6 +454,7 @@ pub fn exchange_with(store: &mut HistoryStore, peer: &dyn Peer, root: Option<&st
         };
         last = entry.seq;
         store.store_remote(&id, &batch, last, root)?;
+        keep(batch);
     }
 }
 

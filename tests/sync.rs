@@ -482,6 +482,81 @@ fn a_local_edit_not_yet_scanned_is_never_overwritten() {
     assert!(contents.contains(&b"v2 from b, unscanned".to_vec()));
 }
 
+/// Counts the files B holds when A's scan commits its second batch, waiting
+/// (at most `WAIT`) for B to hold some: those of A's first batch.
+struct FilesOfBDuringScan {
+    b: PathBuf,
+    batches: AtomicUsize,
+    held: AtomicUsize,
+}
+
+impl FilesOfBDuringScan {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// B's files, counted without failing on the temp files coming and going.
+    fn count(&self) -> usize {
+        let subdirs = fs::read_dir(&self.b).into_iter().flatten().flatten();
+        subdirs
+            .flat_map(|dir| fs::read_dir(dir.path()).into_iter().flatten().flatten())
+            .filter(|file| file.file_name().to_string_lossy().starts_with('f'))
+            .count()
+    }
+}
+
+impl scan::ScanObserver for FilesOfBDuringScan {
+    fn batch_committed(&self, _entries: usize, _last_seq: u64) {
+        // B's scan commits nothing: these are A's batches.
+        if self.batches.fetch_add(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut held = self.count();
+        while held == 0 && started.elapsed() < Self::WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            held = self.count();
+        }
+        self.held.store(held, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_first_sync_into_an_empty_folder_writes_files_while_the_other_is_still_scanned() {
+    let p = Pair::new();
+    for i in 0..600 {
+        write(
+            &p.a,
+            &format!("d{}/f{i}", i % 4),
+            &bytes(3000 + i, i as u64),
+        );
+    }
+    let watch = std::sync::Arc::new(FilesOfBDuringScan {
+        b: p.b.clone(),
+        batches: AtomicUsize::new(0),
+        held: AtomicUsize::new(0),
+    });
+    let options = SyncOptions {
+        scan: scan::ScanOptions {
+            batch_size: 100,
+            observer: Some(watch.clone()),
+            ..Default::default()
+        },
+        ..SyncOptions::default()
+    };
+    let report = p.sync_with(&options).unwrap();
+    assert!(report.identical, "{:?}", report.differences);
+    assert_eq!(files(&p.b), files(&p.a));
+    // Each file was written once, not planned again once the scan was done.
+    assert_eq!(report.b.applied, 600 + 4);
+    // A's scan is stopped in its second batch until B holds some of its files:
+    // those of its first batch (100 entries, the directories among them).
+    assert!(watch.batches.load(Ordering::SeqCst) > 2);
+    let held = watch.held.load(Ordering::SeqCst);
+    assert!(
+        (1..100).contains(&held),
+        "B held {held} files while A was scanned"
+    );
+}
+
 #[test]
 fn an_interrupted_apply_converges_on_the_next_run() {
     let p = Pair::new();
