@@ -123,7 +123,8 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
             is_empty(&folder_a, &store_a)?,
             is_empty(&folder_b, &store_b)?,
         );
-        let filled = match (empty_a, empty_b) {
+        // Whether an action of the filling waits for a rescan.
+        let deferred = match (empty_a, empty_b) {
             (false, true) => Some(fill_while_scanning(
                 (&folder_a, &mut store_a),
                 (&folder_b, &mut store_b),
@@ -140,12 +141,12 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
             )?),
             _ => None,
         };
-        if let Some(filled) = filled {
+        if let Some(deferred) = deferred {
             if report.interrupted {
                 return Ok(report);
             }
             // Both sides are scanned: a round now plans what is left.
-            rescan = filled.deferred;
+            rescan = deferred;
         }
     }
     // The differences found right after a round that applied everything.
@@ -263,12 +264,6 @@ fn is_empty(folder: &Folder, store: &HistoryStore) -> Result<bool> {
     Ok(true)
 }
 
-/// What [`fill_while_scanning`] left to the rounds after it.
-struct Filled {
-    /// Some action waits for a rescan.
-    deferred: bool,
-}
-
 /// Tells the thread filling the empty side that the scan committed a batch,
 /// and passes everything on to the caller's observer, if any.
 struct BatchSignal {
@@ -304,13 +299,14 @@ impl ScanObserver for BatchSignal {
 /// here, and only from what the scan recorded so far: in a folder that held
 /// nothing there is nothing to move, delete or conflict with, so the partial
 /// history is safe to follow. The rounds after it plan everything again.
+/// Returns whether some action waits for a rescan.
 fn fill_while_scanning(
     (full, store_full): (&Folder, &mut HistoryStore),
     (empty, store_empty): (&Folder, &mut HistoryStore),
     empty_is_a: bool,
     options: &SyncOptions,
     report: &mut SyncReport,
-) -> Result<Filled> {
+) -> Result<bool> {
     let scanned_empty = scan_folder(empty, store_empty, &options.scan)?;
     report.warnings.extend(scanned_empty.warnings);
     let (committed_tx, committed_rx) = crossbeam_channel::unbounded();
@@ -370,7 +366,7 @@ fn fill_while_scanning(
     };
     side.files_hashed += scanned.files_hashed;
     report.warnings.extend(scanned.warnings);
-    Ok(Filled { deferred })
+    Ok(deferred)
 }
 
 /// Exchanges what each side lacks of the other's history, then lists the paths
