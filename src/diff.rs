@@ -294,19 +294,15 @@ pub fn plan(store: &HistoryStore, peer: &PeerId) -> Result<Plan> {
     )
 }
 
-/// Plans the paths of `received`, entries of `peer`'s just received (the latest
-/// of each path among them is its current version), and of those alone: for a
-/// side that applies what it receives while the peer's scan goes on.
+/// Plans the paths of `received`, entries of `peer`'s just received in sequence
+/// order (the last of each path among them is its current version), and of
+/// those alone: for a side that applies what it receives while the peer's scan
+/// goes on.
 pub fn plan_received(store: &HistoryStore, peer: &PeerId, received: Vec<Entry>) -> Result<Plan> {
     let _snapshot = store.read_snapshot()?;
     let mut theirs: HashMap<String, Entry> = HashMap::with_capacity(received.len());
     for entry in received {
-        match theirs.get(&entry.path) {
-            Some(known) if known.seq > entry.seq => {}
-            _ => {
-                theirs.insert(entry.path.clone(), entry);
-            }
-        }
+        theirs.insert(entry.path.clone(), entry);
     }
     let mut mine = Vec::new();
     for path in theirs.keys() {

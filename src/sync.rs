@@ -123,25 +123,13 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
             is_empty(&folder_a, &store_a)?,
             is_empty(&folder_b, &store_b)?,
         );
-        // Whether an action of the filling waits for a rescan.
-        let deferred = match (empty_a, empty_b) {
-            (false, true) => Some(fill_while_scanning(
-                (&folder_a, &mut store_a),
-                (&folder_b, &mut store_b),
-                false,
-                options,
-                &mut report,
-            )?),
-            (true, false) => Some(fill_while_scanning(
-                (&folder_b, &mut store_b),
-                (&folder_a, &mut store_a),
-                true,
-                options,
-                &mut report,
-            )?),
+        let sides = match (empty_a, empty_b) {
+            (false, true) => Some(((&folder_a, &mut store_a), (&folder_b, &mut store_b), false)),
+            (true, false) => Some(((&folder_b, &mut store_b), (&folder_a, &mut store_a), true)),
             _ => None,
         };
-        if let Some(deferred) = deferred {
+        if let Some((full, empty, empty_is_a)) = sides {
+            let deferred = fill_while_scanning(full, empty, empty_is_a, options, &mut report)?;
             if report.interrupted {
                 return Ok(report);
             }
@@ -248,8 +236,7 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
     Ok(report)
 }
 
-/// Whether `folder` holds nothing and its history has no entry: a new folder
-/// (its `.latus/` was made by this sync).
+/// Whether `folder` holds nothing and its history has no entry: a new folder.
 fn is_empty(folder: &Folder, store: &HistoryStore) -> Result<bool> {
     if store.last_seq()? != 0 {
         return Ok(false);
