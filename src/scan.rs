@@ -519,6 +519,40 @@ enum Found {
     Skipped { path: String, reason: String },
 }
 
+/// Entries a walking thread sends at once. One at a time, the walking threads
+/// of a cold scan (faster than the hashing) met a full channel at nearly every
+/// entry, and each meeting spun and yielded before parking: about a tenth of
+/// the scan's CPU on 20k files.
+const FOUND_BATCH: usize = 64;
+
+/// What one walking thread found and has not sent yet; the rest is sent when
+/// the thread ends.
+struct FoundBatch {
+    sender: Sender<Vec<Found>>,
+    found: Vec<Found>,
+}
+
+impl FoundBatch {
+    /// Adds `found`, sending the batch once full; `false` when the scan stopped.
+    fn push(&mut self, found: Found) -> bool {
+        self.found.push(found);
+        self.found.len() < FOUND_BATCH || self.send()
+    }
+
+    fn send(&mut self) -> bool {
+        let full = std::mem::replace(&mut self.found, Vec::with_capacity(FOUND_BATCH));
+        self.sender.send(full).is_ok()
+    }
+}
+
+impl Drop for FoundBatch {
+    fn drop(&mut self) {
+        if !self.found.is_empty() {
+            self.send();
+        }
+    }
+}
+
 /// Walks the folder and sends what changed. Directories are read and entries
 /// stat'ed by `walk_threads` threads at once: on a cold cache each waits on the
 /// disk, and with several reads in flight a walk of 20k files takes half the
@@ -543,7 +577,7 @@ fn walk(
         );
     });
     walker.threads(walk_threads);
-    let (found_tx, found_rx) = bounded::<Found>(1024);
+    let (found_tx, found_rx) = bounded::<Vec<Found>>(1024 / FOUND_BATCH);
     let root = shared.root;
 
     let join_known = |known: ScopedJoinHandle<'_, Result<EntriesByPath>>| {
@@ -558,9 +592,12 @@ fn walk(
     std::thread::scope(|scope| {
         scope.spawn(move || {
             walker.build_parallel().run(|| {
-                let found_tx = found_tx.clone();
+                let mut batch = FoundBatch {
+                    sender: found_tx.clone(),
+                    found: Vec::with_capacity(FOUND_BATCH),
+                };
                 Box::new(move |item| {
-                    let sent = visit(root, item).map(|found| found_tx.send(found).is_ok());
+                    let sent = visit(root, item).map(|found| batch.push(found));
                     match sent {
                         // The scan stopped: stop walking.
                         Some(false) => ignore::WalkState::Quit,
@@ -569,7 +606,7 @@ fn walk(
                 })
             })
         });
-        for found in found_rx {
+        for found in found_rx.into_iter().flatten() {
             let walked = match found {
                 Found::Entry(walked) => walked,
                 Found::Skipped { path, reason } => {
