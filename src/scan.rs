@@ -10,7 +10,7 @@ use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
@@ -64,6 +64,10 @@ pub struct ScanOptions {
     /// those already hashed first. Small files are hashed at the usual
     /// priority: their scan is mostly waiting on the disk, and peers wait on it.
     pub background: bool,
+    /// Set from another thread, it stops the scan, which then ends with
+    /// [`Error::ScanAborted`]. What it recorded is true of the disk, but not
+    /// the whole folder: it records no deletion, having not walked it all.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// The nice value at which a background scan hashes big files.
@@ -81,6 +85,7 @@ impl Default for ScanOptions {
             observer: None,
             only: None,
             background: false,
+            stop: None,
         }
     }
 }
@@ -200,6 +205,41 @@ struct HashJob {
     previous: Option<Entry>,
 }
 
+/// What changed, from one of the scan's threads to the history writer.
+type Changes = Vec<(Change, Record)>;
+
+/// Files handed to a hashing thread at once, and the bytes after which a batch
+/// goes even if not full. One file at a time, the walk of a cold scan (faster
+/// than the hashing) met a full queue at nearly every file and the history
+/// writer an empty one at nearly every change: each meeting spun and yielded
+/// before parking.
+const HASH_BATCH: usize = 16;
+const HASH_BATCH_BYTES: u64 = 1 << 20;
+/// How long a hashing thread keeps what it hashed before it ends its batch.
+const HASHED_MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// The files to hash that the walk has not handed out yet.
+struct HashJobs<'a> {
+    sender: &'a Sender<Vec<HashJob>>,
+    jobs: Vec<HashJob>,
+    bytes: u64,
+}
+
+impl HashJobs<'_> {
+    /// Adds `job`, handing the batch out once full; `false` when the scan stopped.
+    fn push(&mut self, job: HashJob) -> bool {
+        self.bytes += job.stat.size;
+        self.jobs.push(job);
+        (self.jobs.len() < HASH_BATCH && self.bytes < HASH_BATCH_BYTES) || self.send()
+    }
+
+    fn send(&mut self) -> bool {
+        self.bytes = 0;
+        let batch = std::mem::replace(&mut self.jobs, Vec::with_capacity(HASH_BATCH));
+        batch.is_empty() || self.sender.send(batch).is_ok()
+    }
+}
+
 /// Warnings go to the log as they happen and to the summary at the end.
 #[derive(Default)]
 struct Warnings(Mutex<Vec<String>>);
@@ -234,6 +274,15 @@ struct Shared<'a> {
     warnings: Arc<Warnings>,
     counters: Counters,
     big_files: BigFiles,
+    stop: Option<Arc<AtomicBool>>,
+}
+
+impl Shared<'_> {
+    fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|stop| stop.load(Ordering::Relaxed))
+    }
 }
 
 /// Files of at least this size are hashed at most one per core at a time.
@@ -330,6 +379,7 @@ pub fn scan(
         warnings: Arc::default(),
         counters: Counters::default(),
         big_files: BigFiles::new(options.background),
+        stop: options.stop.clone(),
     };
     let threads = options.hash_threads.max(1);
     let batch_size = options.batch_size.max(1);
@@ -338,8 +388,8 @@ pub fn scan(
         ..ScanSummary::default()
     };
 
-    let (job_tx, job_rx) = bounded::<HashJob>(threads * 64);
-    let (change_tx, change_rx) = bounded::<(Change, Record)>(batch_size);
+    let (job_tx, job_rx) = bounded::<Vec<HashJob>>(threads * 64 / HASH_BATCH);
+    let (change_tx, change_rx) = bounded::<Changes>(batch_size);
     let history_path = store.path().to_path_buf();
     let path_scope = options.only.as_deref().map(|p| Arc::new(PathScope::new(p)));
     let written = std::thread::scope(|scope| {
@@ -382,6 +432,10 @@ pub fn scan(
         // A write failure stops the walk; report the write failure, the cause.
         written.and_then(|counts| walked.map(|_| counts))
     })?;
+    // Files left unhashed once stopped went unrecorded: the scan is not whole.
+    if shared.stopped() {
+        return Err(scan_stopped());
+    }
 
     summary.new = written.new;
     summary.changed = written.changed;
@@ -533,10 +587,15 @@ struct FoundBatch {
 }
 
 impl FoundBatch {
-    /// Adds `found`, sending the batch once full; `false` when the scan stopped.
+    /// Adds `found`, sending the batch once full, or at once with a directory:
+    /// it is visited before anything under it is found, so it then reaches the
+    /// history first. Held back, it could come after its files: peers applying
+    /// a first scan batch by batch would make it themselves, with their own
+    /// mode. `false` when the scan stopped.
     fn push(&mut self, found: Found) -> bool {
+        let is_dir = matches!(&found, Found::Entry(walked) if walked.meta.is_dir());
         self.found.push(found);
-        self.found.len() < FOUND_BATCH || self.send()
+        (self.found.len() < FOUND_BATCH && !is_dir) || self.send()
     }
 
     fn send(&mut self) -> bool {
@@ -565,10 +624,16 @@ fn walk(
     path_scope: Option<Arc<PathScope>>,
     known: ScopedJoinHandle<'_, Result<EntriesByPath>>,
     walk_threads: usize,
-    jobs: &Sender<HashJob>,
-    changes: &Sender<(Change, Record)>,
+    jobs: &Sender<Vec<HashJob>>,
+    changes: &Sender<Changes>,
     summary: &mut ScanSummary,
 ) -> Result<EntriesByPath> {
+    let aborted = || Error::ScanAborted("the history writer stopped".into());
+    let mut jobs = HashJobs {
+        sender: jobs,
+        jobs: Vec::with_capacity(HASH_BATCH),
+        bytes: 0,
+    };
     let warnings = Arc::clone(&shared.warnings);
     let mut walker = folder_walk(shared.root, path_scope.clone(), move |shown| {
         warnings.add(
@@ -607,6 +672,10 @@ fn walk(
             })
         });
         for found in found_rx.into_iter().flatten() {
+            // Returning drops the receiver: the walking threads then stop too.
+            if shared.stopped() {
+                return Err(scan_stopped());
+            }
             let walked = match found {
                 Found::Entry(walked) => walked,
                 Found::Skipped { path, reason } => {
@@ -629,13 +698,21 @@ fn walk(
             {
                 let mut loaded = join_known(handle)?;
                 for walked in queued.drain(..) {
-                    record_walked(shared, walked, &mut loaded, now, jobs, changes, summary)?;
+                    record_walked(
+                        shared,
+                        walked,
+                        &mut loaded,
+                        now,
+                        &mut jobs,
+                        changes,
+                        summary,
+                    )?;
                 }
                 previous = Some(loaded);
             }
             match previous.as_mut() {
                 Some(previous) => {
-                    record_walked(shared, walked, previous, now, jobs, changes, summary)?
+                    record_walked(shared, walked, previous, now, &mut jobs, changes, summary)?
                 }
                 None => queued.push(walked),
             }
@@ -648,7 +725,18 @@ fn walk(
         (None, None) => EntriesByPath::default(),
     };
     for walked in queued {
-        record_walked(shared, walked, &mut previous, now, jobs, changes, summary)?;
+        record_walked(
+            shared,
+            walked,
+            &mut previous,
+            now,
+            &mut jobs,
+            changes,
+            summary,
+        )?;
+    }
+    if !jobs.send() {
+        return Err(aborted());
     }
     Ok(previous)
 }
@@ -688,8 +776,8 @@ fn record_walked(
     walked: Walked,
     previous: &mut EntriesByPath,
     now: i64,
-    jobs: &Sender<HashJob>,
-    changes: &Sender<(Change, Record)>,
+    jobs: &mut HashJobs<'_>,
+    changes: &Sender<Changes>,
     summary: &mut ScanSummary,
 ) -> Result<()> {
     let aborted = || Error::ScanAborted("the history writer stopped".into());
@@ -709,7 +797,10 @@ fn record_walked(
             stat,
             previous: prev,
         };
-        return jobs.send(job).map_err(|_| aborted());
+        return match jobs.push(job) {
+            true => Ok(()),
+            false => Err(aborted()),
+        };
     } else if file_type.is_dir() {
         summary.dirs += 1;
         // A directory's mtime moves with every change inside it; only its
@@ -758,7 +849,7 @@ fn record_walked(
         entry,
         chunks: Vec::new(),
     };
-    changes.send((change, record)).map_err(|_| aborted())
+    changes.send(vec![(change, record)]).map_err(|_| aborted())
 }
 
 pub(crate) fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, String) {
@@ -776,23 +867,24 @@ pub(crate) fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, 
 
 /// Paths the walk did not see are deleted only if they are really gone: an ignored
 /// path, an unreadable directory's content or an unmounted subtree stays recorded.
-fn record_deletions(
-    shared: &Shared<'_>,
-    unseen: &EntriesByPath,
-    changes: &Sender<(Change, Record)>,
-) {
+fn record_deletions(shared: &Shared<'_>, unseen: &EntriesByPath, changes: &Sender<Changes>) {
     let now = now_ns();
     let mut dirs = HashMap::new();
+    let mut deleted = Vec::new();
     for path in unseen.keys() {
         if is_gone(shared.root, path, &mut dirs) {
             let record = Record::Append {
                 entry: shared.new_entry(path.clone(), Kind::Deleted, now),
                 chunks: Vec::new(),
             };
-            if changes.send((Change::Deleted, record)).is_err() {
+            deleted.push((Change::Deleted, record));
+            if deleted.len() >= HASH_BATCH && changes.send(std::mem::take(&mut deleted)).is_err() {
                 return;
             }
         }
+    }
+    if !deleted.is_empty() {
+        let _ = changes.send(deleted);
     }
 }
 
@@ -845,64 +937,86 @@ impl Presence {
     }
 }
 
-fn hash_worker(jobs: Receiver<HashJob>, changes: Sender<(Change, Record)>, shared: &Shared<'_>) {
+fn hash_worker(jobs: Receiver<Vec<HashJob>>, changes: Sender<Changes>, shared: &Shared<'_>) {
     let mut hasher = ContentHasher::default();
-    for job in jobs {
-        let hashed = match shared.big_files.hash(job.stat.size, || {
-            hash_stable_file(&mut hasher, &job, shared)
-        }) {
-            Ok(Some(hashed)) => hashed,
-            Ok(None) => {
-                shared.skip(
-                    &job.rel,
-                    format!(
-                        "changed while being read ({HASH_ATTEMPTS} tries); left for the next scan"
-                    ),
-                );
-                continue;
+    for batch in jobs {
+        let count = batch.len();
+        let mut hashed = Vec::with_capacity(count);
+        let mut waiting_since = Instant::now();
+        for (done, job) in batch.into_iter().enumerate() {
+            hashed.extend(hash_job(&mut hasher, job, shared));
+            // A slow disk or a throttled read must not hold back what is hashed.
+            let send = done + 1 == count || waiting_since.elapsed() >= HASHED_MAX_WAIT;
+            if send && !hashed.is_empty() {
+                if changes.send(std::mem::take(&mut hashed)).is_err() {
+                    return;
+                }
+                waiting_since = Instant::now();
             }
-            Err(e) => {
-                shared.skip(&job.rel, format!("cannot read: {e}"));
-                continue;
-            }
-        };
-        shared.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
-        let (content, mut stat) = hashed;
-        let now = now_ns();
-        if now - stat.mtime_ns < RACY_WINDOW_NS {
-            stat.ctime_ns = UNVERIFIED_CTIME;
-        }
-        let message = match &job.previous {
-            Some(prev)
-                if prev.kind == Kind::File
-                    && prev.hash == Some(content.hash)
-                    && prev.size == stat.size
-                    && prev.mtime_ns == stat.mtime_ns
-                    && prev.mode == stat.mode =>
-            {
-                let refresh = Record::RefreshStat {
-                    seq: prev.seq,
-                    inode: stat.inode,
-                    ctime_ns: stat.ctime_ns,
-                };
-                (Change::Refreshed, refresh)
-            }
-            prev => {
-                let mut entry = shared.observed_entry(job.rel, Kind::File, &stat, now);
-                entry.size = stat.size;
-                entry.hash = Some(content.hash);
-                let change = Change::replacing(prev.as_ref());
-                let record = Record::Append {
-                    entry,
-                    chunks: content.chunks,
-                };
-                (change, record)
-            }
-        };
-        if changes.send(message).is_err() {
-            return;
         }
     }
+}
+
+/// What hashing the file of `job` found; `None` when it is skipped (a warning
+/// says why).
+fn hash_job(
+    hasher: &mut ContentHasher,
+    job: HashJob,
+    shared: &Shared<'_>,
+) -> Option<(Change, Record)> {
+    if shared.stopped() {
+        return None;
+    }
+    let hashed = match shared
+        .big_files
+        .hash(job.stat.size, || hash_stable_file(hasher, &job, shared))
+    {
+        Ok(Some(hashed)) => hashed,
+        Ok(None) => {
+            shared.skip(
+                &job.rel,
+                format!("changed while being read ({HASH_ATTEMPTS} tries); left for the next scan"),
+            );
+            return None;
+        }
+        Err(e) => {
+            shared.skip(&job.rel, format!("cannot read: {e}"));
+            return None;
+        }
+    };
+    shared.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+    let (content, mut stat) = hashed;
+    let now = now_ns();
+    if now - stat.mtime_ns < RACY_WINDOW_NS {
+        stat.ctime_ns = UNVERIFIED_CTIME;
+    }
+    Some(match &job.previous {
+        Some(prev)
+            if prev.kind == Kind::File
+                && prev.hash == Some(content.hash)
+                && prev.size == stat.size
+                && prev.mtime_ns == stat.mtime_ns
+                && prev.mode == stat.mode =>
+        {
+            let refresh = Record::RefreshStat {
+                seq: prev.seq,
+                inode: stat.inode,
+                ctime_ns: stat.ctime_ns,
+            };
+            (Change::Refreshed, refresh)
+        }
+        prev => {
+            let mut entry = shared.observed_entry(job.rel, Kind::File, &stat, now);
+            entry.size = stat.size;
+            entry.hash = Some(content.hash);
+            let change = Change::replacing(prev.as_ref());
+            let record = Record::Append {
+                entry,
+                chunks: content.chunks,
+            };
+            (change, record)
+        }
+    })
 }
 
 /// Hashes a file and checks it did not change meanwhile (same stat before and
@@ -949,6 +1063,10 @@ fn hash_stable_file(
     Ok(None)
 }
 
+fn scan_stopped() -> Error {
+    Error::ScanAborted("stopped".into())
+}
+
 /// Gives the calling thread the nice value [`BACKGROUND_NICE`]; on failure it
 /// keeps its priority.
 fn lower_priority() {
@@ -984,7 +1102,7 @@ const FIRST_BATCH: usize = 100;
 
 fn write_changes(
     store: &mut HistoryStore,
-    changes: Receiver<(Change, Record)>,
+    changes: Receiver<Changes>,
     batch_size: usize,
     shared: &Shared<'_>,
 ) -> Result<Written> {
@@ -1016,8 +1134,8 @@ fn write_changes(
             Some(started) if announced => changes.recv_deadline(started + BATCH_MAX_WAIT),
             _ => changes.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
-        let (change, record) = match next {
-            Ok(next) => next,
+        let received = match next {
+            Ok(received) => received,
             Err(RecvTimeoutError::Timeout) => {
                 commit(&mut batch)?;
                 (batch_started, announce_first, batch_bytes) = (None, false, 0);
@@ -1025,23 +1143,25 @@ fn write_changes(
             }
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        match change {
-            Change::New => written.new += 1,
-            Change::Changed => written.changed += 1,
-            Change::Deleted => written.deleted += 1,
-            Change::Refreshed => written.refreshed += 1,
-        }
-        if let Record::Append { entry, .. } = &record {
-            batch_bytes += entry.size;
-        }
-        batch.push(record);
-        batch_started.get_or_insert_with(Instant::now);
-        if batch.len() >= batch_size
-            || (announce_first && batch.len() >= FIRST_BATCH)
-            || (announced && batch_bytes >= BATCH_MAX_BYTES)
-        {
-            commit(&mut batch)?;
-            (batch_started, announce_first, batch_bytes) = (None, false, 0);
+        for (change, record) in received {
+            match change {
+                Change::New => written.new += 1,
+                Change::Changed => written.changed += 1,
+                Change::Deleted => written.deleted += 1,
+                Change::Refreshed => written.refreshed += 1,
+            }
+            if let Record::Append { entry, .. } = &record {
+                batch_bytes += entry.size;
+            }
+            batch.push(record);
+            batch_started.get_or_insert_with(Instant::now);
+            if batch.len() >= batch_size
+                || (announce_first && batch.len() >= FIRST_BATCH)
+                || (announced && batch_bytes >= BATCH_MAX_BYTES)
+            {
+                commit(&mut batch)?;
+                (batch_started, announce_first, batch_bytes) = (None, false, 0);
+            }
         }
     }
     if !batch.is_empty() {
@@ -1055,6 +1175,36 @@ mod tests {
     use super::*;
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_walking_thread_holds_files_back_but_sends_a_directory_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("d")).unwrap();
+        fs::write(dir.path().join("f"), b"x").unwrap();
+        let found = |name: &str| {
+            let path = dir.path().join(name);
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = name.to_string();
+            Found::Entry(Walked { rel, path, meta })
+        };
+        let (sender, sent) = crossbeam_channel::unbounded();
+        let mut batch = FoundBatch {
+            sender,
+            found: Vec::new(),
+        };
+        assert!(batch.push(found("f")));
+        assert!(sent.is_empty());
+        assert!(batch.push(found("d")));
+        let names: Vec<String> = sent
+            .try_iter()
+            .flatten()
+            .map(|found| match found {
+                Found::Entry(walked) => walked.rel,
+                Found::Skipped { path, .. } => path,
+            })
+            .collect();
+        assert_eq!(names, ["f", "d"]);
+    }
 
     #[test]
     fn relative_paths_are_the_components_under_the_root_joined_by_slashes() {

@@ -611,6 +611,59 @@ fn a_scan_that_announces_its_batches_commits_one_that_waited_a_second() {
     fx.assert_history_matches_disk();
 }
 
+/// A directory is recorded before what it holds: peers that apply a first scan
+/// batch by batch then make it with its own mode, not with one of theirs.
+#[test]
+fn a_scan_records_each_directory_before_what_is_under_it() {
+    let mut fx = Fixture::new();
+    for i in 0..600 {
+        write(
+            fx.root(),
+            &format!("album/disc{}/t{i:03}", i % 3),
+            &bytes(1000, i),
+        );
+    }
+    fx.scan_with(ScanOptions {
+        batch_size: 20,
+        ..ScanOptions::default()
+    });
+    let entries = current(&fx.store);
+    assert_eq!(entries.len(), 604);
+    for (path, entry) in &entries {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            assert!(
+                entries[parent].seq < entry.seq,
+                "{parent} recorded after {path}"
+            );
+        }
+    }
+}
+
+/// Stopping a scan in its first file ends it with an error; the files already
+/// hashed stay recorded, and the next scan records the rest.
+#[test]
+fn a_stopped_scan_ends_at_once_and_the_next_one_records_the_rest() {
+    let mut fx = Fixture::new();
+    for i in 0..300 {
+        write(fx.root(), &format!("d{}/f{i:03}", i % 3), &bytes(2000, i));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_at_first_read = Arc::clone(&stop);
+    let options = ScanOptions {
+        stop: Some(Arc::clone(&stop)),
+        ..with_observer(OnRead(move |_: &str, _| {
+            stop_at_first_read.store(true, Ordering::SeqCst)
+        }))
+    };
+    let err = scan(&fx.folder, &mut fx.store, DEVICE, &options).unwrap_err();
+    assert!(matches!(err, latus::Error::ScanAborted(_)), "{err}");
+    let recorded = current(&fx.store).len();
+    assert!(recorded < 100, "{recorded} entries recorded after the stop");
+    let s = fx.scan();
+    assert_eq!(s.new as usize + recorded, 303);
+    fx.assert_history_matches_disk();
+}
+
 /// The first batch a scan announces is small, so that peers start on it at once;
 /// the next ones are full.
 #[test]
