@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
@@ -301,8 +302,12 @@ fn fill_while_scanning(
         committed: committed_tx,
         inner: options.scan.observer.clone(),
     };
+    // A fill that fails (a full disk) stops the scan: the error comes at once,
+    // not after the rest of the full side was read for nothing.
+    let stop = Arc::new(AtomicBool::new(false));
     let scan_options = ScanOptions {
         observer: Some(Arc::new(signal)),
+        stop: Some(Arc::clone(&stop)),
         ..options.scan.clone()
     };
     let mut deferred = false;
@@ -338,14 +343,17 @@ fn fill_while_scanning(
             Ok(())
         })();
         // Whatever stopped the filling, the scan ends before the sync goes on.
+        if filled.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
         drop(committed_rx);
         let scanned = scanner
             .join()
             .unwrap_or_else(|_| Err(Error::Internal("a scan thread panicked".into())));
         (scanned, filled)
     });
-    let scanned = scanned?;
     filled?;
+    let scanned = scanned?;
     let side = if empty_is_a {
         &mut report.b
     } else {

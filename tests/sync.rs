@@ -557,6 +557,61 @@ fn a_first_sync_into_an_empty_folder_writes_files_while_the_other_is_still_scann
     );
 }
 
+/// Takes B's history database away (an exclusive lock held until the sync ends)
+/// when A's scan commits its first batch, and counts the bytes A's scan reads.
+struct LockBDuringScan {
+    b_history: PathBuf,
+    lock: std::sync::Mutex<Option<rusqlite::Connection>>,
+    bytes_read: std::sync::atomic::AtomicU64,
+}
+
+impl scan::ScanObserver for LockBDuringScan {
+    fn bytes_read(&self, _path: &str, bytes: u64) {
+        self.bytes_read.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    fn batch_committed(&self, _entries: usize, _last_seq: u64) {
+        let mut lock = self.lock.lock().unwrap();
+        if lock.is_none() {
+            let conn = rusqlite::Connection::open(&self.b_history).unwrap();
+            conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+            *lock = Some(conn);
+        }
+    }
+}
+
+#[test]
+fn a_first_sync_whose_copy_fails_stops_scanning_the_other_side_at_once() {
+    let p = Pair::new();
+    let mut total = 0;
+    for i in 0..600 {
+        let content = bytes(3000 + i, i as u64);
+        total += content.len() as u64;
+        write(&p.a, &format!("d{}/f{i}", i % 4), &content);
+    }
+    let watch = std::sync::Arc::new(LockBDuringScan {
+        b_history: p.b.join(".latus/history.db"),
+        lock: std::sync::Mutex::new(None),
+        bytes_read: Default::default(),
+    });
+    let options = SyncOptions {
+        scan: scan::ScanOptions {
+            batch_size: 20,
+            // A whole scan of A would take 18 s.
+            max_read_bytes_per_sec: 100_000.0,
+            observer: Some(watch.clone()),
+            ..Default::default()
+        },
+        ..SyncOptions::default()
+    };
+    let err = p.sync_with(&options).unwrap_err();
+    assert!(matches!(err, Error::DatabaseLocked(_)), "{err}");
+    // B's history stays locked for 3 s before its writer gives up: A's scan
+    // read about 300 kB meanwhile, not the whole of A.
+    let read = watch.bytes_read.load(Ordering::SeqCst);
+    assert!(read < total / 2, "A's scan read {read} of {total} bytes");
+}
+
 #[test]
 fn an_interrupted_apply_converges_on_the_next_run() {
     let p = Pair::new();
