@@ -306,7 +306,8 @@ struct Daemon {
     /// The chunks each peer sent wrong: not asked of it again.
     wrong_chunks: WrongChunks,
     wake: (Mutex<Wake>, Condvar),
-    stop: AtomicBool,
+    /// Set on SIGTERM or Ctrl-C; also stops a scan under way.
+    stop: Arc<AtomicBool>,
     status: Mutex<Status>,
 }
 
@@ -354,7 +355,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         published: Arc::default(),
         wrong_chunks: WrongChunks::default(),
         wake: (Mutex::new(Wake::default()), Condvar::new()),
-        stop: AtomicBool::new(false),
+        stop: Arc::new(AtomicBool::new(false)),
         status: Mutex::new(Status {
             pid: std::process::id(),
             device: identity.peer_id().to_string(),
@@ -1212,6 +1213,7 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
             };
             let result = sync_folder(daemon, handle, &folder, options, &rescan);
             match (&result, rescan) {
+                (Err(_), _) if daemon.stop.load(Ordering::Relaxed) => return,
                 (Err(e), _) => {
                     tracing::warn!("folder {}: {e}", folder.id);
                     // What the failed round was to scan is scanned whole next time.
@@ -1303,6 +1305,7 @@ fn sync_folder(
         // Big files are hashed at a lower priority: serving peers what is
         // already hashed goes first, and the hashing fills the time it leaves.
         background: true,
+        stop: Some(Arc::clone(&daemon.stop)),
         // The device's `[scan]` settings (read limit, threads).
         ..options.sync.scan.clone()
     };

@@ -979,6 +979,7 @@ fn hash_job(
             );
             return None;
         }
+        Err(_) if shared.stopped() => return None,
         Err(e) => {
             shared.skip(&job.rel, format!("cannot read: {e}"));
             return None;
@@ -1036,7 +1037,10 @@ fn hash_stable_file(
             .open(&job.abs)?;
         // A file growing as fast as it is read would never reach its end: read one
         // byte past the expected size at most; more than the size means it changed.
-        let mut bounded = io::Read::take(&file, expected.size + 1);
+        let mut bounded = UntilStopped {
+            inner: io::Read::take(&file, expected.size + 1),
+            stop: shared.stop.as_deref(),
+        };
         let content = hasher.hash_reader(&mut bounded, |n| {
             shared
                 .counters
@@ -1065,6 +1069,22 @@ fn hash_stable_file(
 
 fn scan_stopped() -> Error {
     Error::ScanAborted("stopped".into())
+}
+
+/// Reads `inner` until the scan is stopped, then fails: a stopped scan does not
+/// finish reading the files it is in (at a read limit, a big one takes long).
+struct UntilStopped<'a, R> {
+    inner: R,
+    stop: Option<&'a AtomicBool>,
+}
+
+impl<R: io::Read> io::Read for UntilStopped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.is_some_and(|stop| stop.load(Ordering::Relaxed)) {
+            return Err(io::Error::other("the scan was stopped"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 /// Gives the calling thread the nice value [`BACKGROUND_NICE`]; on failure it

@@ -432,6 +432,30 @@ fn status_shows_the_daemon_and_sigterm_stops_it_cleanly() {
     assert!(a.ok(&["status"]).contains("not running"));
 }
 
+/// SIGTERM in the middle of a long first scan stops the daemon at once: it does
+/// not read the rest of the folder first.
+#[test]
+fn sigterm_stops_a_daemon_in_the_middle_of_a_long_scan() {
+    let mut a = Device::new();
+    for i in 0..40 {
+        write(&a.folder, &format!("f{i:02}.bin"), &bytes(1 << 20, i));
+    }
+    // 40 MB at 2 MB/s: the first scan would take 20 s.
+    fs::write(a.home.join("config.toml"), "[scan]\nmax_read_mbps = 2\n").unwrap();
+    a.start();
+    wait_for("A's scan to start", || {
+        a.status()["status"]["folders"][0]["state"] == "scanning"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stopping = Instant::now();
+    a.stop();
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the daemon took {took:?} to stop"
+    );
+}
+
 /// `latus wait`: the sequence A's `--scanned` prints is what B's `--applied`
 /// waits for, and once it returns B holds the new file, without any polling of
 /// B's folder. `--scanned` right after a write counts that write, even when A's
