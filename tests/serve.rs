@@ -193,16 +193,7 @@ fn two_daemons_sync_creations_edits_renames_and_deletions_both_ways() {
     wait_for("B's round summary", || {
         b.log()[logged_before..].contains("changes from")
     });
-    let since = b.log()[logged_before..].to_string();
-    let rounds: Vec<&str> = since
-        .lines()
-        .filter(|l| l.contains("changes from"))
-        .collect();
-    assert!(!rounds.is_empty(), "{since}");
-    assert!(
-        rounds.iter().all(|l| l.contains(", 0 bytes read")),
-        "{since}"
-    );
+    assert_rounds_read_no_content(&b, logged_before);
 }
 
 #[test]
@@ -641,6 +632,20 @@ fn changes_logged(device: &Device) -> u64 {
         .sum()
 }
 
+/// B's rounds logged since `logged_before` (at least one) read no content.
+fn assert_rounds_read_no_content(b: &Device, logged_before: usize) {
+    let since = b.log()[logged_before..].to_string();
+    let rounds: Vec<&str> = since
+        .lines()
+        .filter(|l| l.contains("changes from"))
+        .collect();
+    assert!(!rounds.is_empty(), "{since}");
+    assert!(
+        rounds.iter().all(|l| l.contains(", 0 bytes read")),
+        "{since}"
+    );
+}
+
 #[test]
 fn a_renamed_directory_of_thousands_of_files_sends_no_content() {
     let (a, b) = pair();
@@ -659,16 +664,7 @@ fn a_renamed_directory_of_thousands_of_files_sends_no_content() {
     let logged_before = b.log().len();
     fs::rename(a.folder.join("album"), a.folder.join("album-renamed")).unwrap();
     wait_same(&a, &b);
-    let since = b.log()[logged_before..].to_string();
-    let rounds: Vec<&str> = since
-        .lines()
-        .filter(|l| l.contains("changes from"))
-        .collect();
-    assert!(!rounds.is_empty(), "{since}");
-    assert!(
-        rounds.iter().all(|l| l.contains(", 0 bytes read")),
-        "{since}"
-    );
+    assert_rounds_read_no_content(&b, logged_before);
 }
 
 #[test]

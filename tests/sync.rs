@@ -8,7 +8,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{backdate, bytes, files, trashed, tree, write};
+use common::{backdate, bytes, files, trashed, tree, write, write_files};
 use latus::content::Hash;
 use latus::diff;
 use latus::folder::Folder;
@@ -522,13 +522,7 @@ impl scan::ScanObserver for FilesOfBDuringScan {
 #[test]
 fn a_first_sync_into_an_empty_folder_writes_files_while_the_other_is_still_scanned() {
     let p = Pair::new();
-    for i in 0..600 {
-        write(
-            &p.a,
-            &format!("d{}/f{i}", i % 4),
-            &bytes(3000 + i, i as u64),
-        );
-    }
+    write_files(&p.a, 600, 4, 3000);
     let watch = std::sync::Arc::new(FilesOfBDuringScan {
         b: p.b.clone(),
         batches: AtomicUsize::new(0),
@@ -583,12 +577,7 @@ impl scan::ScanObserver for LockBDuringScan {
 #[test]
 fn a_first_sync_whose_copy_fails_stops_scanning_the_other_side_at_once() {
     let p = Pair::new();
-    let mut total = 0;
-    for i in 0..600 {
-        let content = bytes(3000 + i, i as u64);
-        total += content.len() as u64;
-        write(&p.a, &format!("d{}/f{i}", i % 4), &content);
-    }
+    let total = write_files(&p.a, 600, 4, 3000);
     let watch = std::sync::Arc::new(LockBDuringScan {
         b_history: p.b.join(".latus/history.db"),
         lock: std::sync::Mutex::new(None),
@@ -615,13 +604,7 @@ fn a_first_sync_whose_copy_fails_stops_scanning_the_other_side_at_once() {
 #[test]
 fn an_interrupted_apply_converges_on_the_next_run() {
     let p = Pair::new();
-    for i in 0..50 {
-        write(
-            &p.a,
-            &format!("d{}/f{i}", i % 5),
-            &bytes(5000 + i, i as u64),
-        );
-    }
+    write_files(&p.a, 50, 5, 5000);
     let options = SyncOptions {
         merge: MergeOptions {
             batch_size: 7,

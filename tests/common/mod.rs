@@ -20,6 +20,18 @@ pub fn write(root: &Path, rel: &str, content: &[u8]) {
     fs::write(path, content).unwrap();
 }
 
+/// Writes `count` files `d{i % dirs}/f{i}` under `root`, each `size + i` bytes
+/// of its own content; returns how many bytes in all.
+pub fn write_files(root: &Path, count: usize, dirs: usize, size: usize) -> u64 {
+    (0..count)
+        .map(|i| {
+            let content = bytes(size + i, i as u64);
+            write(root, &format!("d{}/f{i}", i % dirs), &content);
+            content.len() as u64
+        })
+        .sum()
+}
+
 /// Moves the mtime of every file under `root` a minute back, so a scan trusts
 /// their stat next time (files modified within 2 s of a scan are read again).
 pub fn backdate(root: &Path) {
