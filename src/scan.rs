@@ -958,7 +958,7 @@ fn hash_worker(jobs: Receiver<Vec<HashJob>>, changes: Sender<Changes>, shared: &
 }
 
 /// What hashing the file of `job` found; `None` when it is skipped (a warning
-/// says why).
+/// says why) or the scan was stopped.
 fn hash_job(
     hasher: &mut ContentHasher,
     job: HashJob,
