@@ -187,7 +187,7 @@ impl FolderPeer {
     /// receives against its hash. A content of several chunks is read from one
     /// opening of the file at `path`, between two stats: while the file is as
     /// it was when hashed, its chunks go out without being hashed again (see
-    /// [`ReadCheck::StatOrHash`]). `None` for each chunk no file holds any more.
+    /// `ReadCheck::StatOrHash`). `None` for each chunk no file holds any more.
     pub fn serve_chunks(
         &self,
         path: &str,
