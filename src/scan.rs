@@ -208,8 +208,8 @@ struct HashJob {
 /// What changed, from one of the scan's threads to the history writer.
 type Changes = Vec<(Change, Record)>;
 
-/// Files handed to a hashing thread at once, and the bytes after which a batch
-/// goes even if not full. One file at a time, the walk of a cold scan (faster
+/// Files handed to a hashing thread at once (and deletions sent to the history
+/// writer at once), and the bytes after which a batch goes even if not full. One file at a time, the walk of a cold scan (faster
 /// than the hashing) met a full queue at nearly every file and the history
 /// writer an empty one at nearly every change: each meeting spun and yielded
 /// before parking.
@@ -628,7 +628,6 @@ fn walk(
     changes: &Sender<Changes>,
     summary: &mut ScanSummary,
 ) -> Result<EntriesByPath> {
-    let aborted = || Error::ScanAborted("the history writer stopped".into());
     let mut jobs = HashJobs {
         sender: jobs,
         jobs: Vec::with_capacity(HASH_BATCH),
@@ -736,7 +735,7 @@ fn walk(
         )?;
     }
     if !jobs.send() {
-        return Err(aborted());
+        return Err(writer_stopped());
     }
     Ok(previous)
 }
@@ -780,7 +779,6 @@ fn record_walked(
     changes: &Sender<Changes>,
     summary: &mut ScanSummary,
 ) -> Result<()> {
-    let aborted = || Error::ScanAborted("the history writer stopped".into());
     let Walked { rel, path, meta } = walked;
     let prev = previous.remove(&rel);
     let stat = Stat::of(&meta);
@@ -799,7 +797,7 @@ fn record_walked(
         };
         return match jobs.push(job) {
             true => Ok(()),
-            false => Err(aborted()),
+            false => Err(writer_stopped()),
         };
     } else if file_type.is_dir() {
         summary.dirs += 1;
@@ -849,7 +847,9 @@ fn record_walked(
         entry,
         chunks: Vec::new(),
     };
-    changes.send(vec![(change, record)]).map_err(|_| aborted())
+    changes
+        .send(vec![(change, record)])
+        .map_err(|_| writer_stopped())
 }
 
 pub(crate) fn describe_walk_error(root: &Path, err: &ignore::Error) -> (String, String) {
@@ -1069,6 +1069,11 @@ fn hash_stable_file(
 
 fn scan_stopped() -> Error {
     Error::ScanAborted("stopped".into())
+}
+
+/// What a thread of the scan meets once the history writer has failed.
+fn writer_stopped() -> Error {
+    Error::ScanAborted("the history writer stopped".into())
 }
 
 /// Reads `inner` until the scan is stopped, then fails: a stopped scan does not
