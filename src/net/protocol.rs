@@ -260,11 +260,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(input: &mut R) -> Result<Option<Me
     if len > MAX_FRAME {
         return Err(bad(format!("a frame of {len} bytes (at most {MAX_FRAME})")));
     }
-    let mut body = vec![0; len];
-    input
-        .read_exact(&mut body)
+    // Read into capacity never zeroed: every byte is overwritten anyway.
+    let mut body = Vec::with_capacity(len);
+    let read = input
+        .take(len as u64)
+        .read_to_end(&mut body)
         .await
         .map_err(|e| Error::Peer(format!("cannot receive: {e}")))?;
+    if read < len {
+        return Err(Error::Peer(
+            "cannot receive: the stream ended in a frame".into(),
+        ));
+    }
     let message: Message =
         postcard::from_bytes(&body).map_err(|e| bad(format!("a malformed frame: {e}")))?;
     check(&message)?;
