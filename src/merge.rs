@@ -661,6 +661,8 @@ impl<'a> Builder<'a> {
             .mode(PARTIAL_MODE)
             .open(partial)
             .map_err(|e| Error::io(partial, e))?;
+        // What an earlier, stopped build left: chunks past it are not read back.
+        let left = output.metadata().map_err(|e| Error::io(partial, e))?.len();
         let mut built = Built::default();
         let mut buffer = Vec::new();
         let write = |bytes: &[u8], chunk: &ChunkInfo| {
@@ -675,7 +677,8 @@ impl<'a> Builder<'a> {
             let mut missing = Vec::new();
             for chunk in window {
                 // Not readable there (a shorter partial file): not there yet.
-                if matches!(holds_chunk(&output, chunk, &mut buffer), Ok(true)) {
+                let within = chunk.offset + u64::from(chunk.len) <= left;
+                if within && matches!(holds_chunk(&output, chunk, &mut buffer), Ok(true)) {
                     built.bytes_resumed += u64::from(chunk.len);
                     placed.push(None);
                 } else if let Some(bytes) = self.local_chunk(chunk)? {
