@@ -22,8 +22,8 @@ pub const MAX_CHUNKS_PER_REQUEST: usize = 256;
 /// Bytes of chunks per [`Request::ReadChunks`] at most: the reply fits a frame.
 pub const MAX_CHUNK_BYTES_PER_REQUEST: usize = MAX_FRAME / 2;
 /// Bytes of chunks this side asks for in one request: each request costs both
-/// daemons a few thread wake-ups, so fewer, larger ones (1 MiB rather than
-/// 256 KiB) cut 10% of the CPU of a large first sync. A reply stays below the
+/// daemons a few thread wake-ups: 1 MiB rather than 256 KiB cut a tenth of the
+/// sending daemon's CPU on a large first sync. A reply stays below the
 /// size the daemon's allocator maps apart (`M_MMAP_THRESHOLD`), so receiving it
 /// reuses freed memory instead of faulting in fresh pages.
 pub const CHUNK_BYTES_PER_BATCH: usize = 1 << 20;
