@@ -209,11 +209,12 @@ struct HashJob {
 type Changes = Vec<(Change, Record)>;
 
 /// Files handed to a hashing thread at once (and deletions sent to the history
-/// writer at once), and the bytes after which a batch goes even if not full. One file at a time, the walk of a cold scan (faster
-/// than the hashing) met a full queue at nearly every file and the history
-/// writer an empty one at nearly every change: each meeting spun and yielded
-/// before parking.
+/// writer at once). One file at a time, the walk of a cold scan (faster than
+/// the hashing) met a full queue at nearly every file and the history writer an
+/// empty one at nearly every change: each meeting spun and yielded before
+/// parking.
 const HASH_BATCH: usize = 16;
+/// Bytes of files after which a batch is handed out even if not full.
 const HASH_BATCH_BYTES: u64 = 1 << 20;
 /// How long a hashing thread keeps what it hashed before it ends its batch.
 const HASHED_MAX_WAIT: Duration = Duration::from_millis(50);
@@ -279,9 +280,7 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn stopped(&self) -> bool {
-        self.stop
-            .as_ref()
-            .is_some_and(|stop| stop.load(Ordering::Relaxed))
+        is_set(self.stop.as_deref())
     }
 }
 
@@ -1076,6 +1075,11 @@ fn writer_stopped() -> Error {
     Error::ScanAborted("the history writer stopped".into())
 }
 
+/// Whether a scan's stop flag, if it has one, is set.
+fn is_set(stop: Option<&AtomicBool>) -> bool {
+    stop.is_some_and(|stop| stop.load(Ordering::Relaxed))
+}
+
 /// Reads `inner` until the scan is stopped, then fails: a stopped scan does not
 /// finish reading the files it is in (at a read limit, a big one takes long).
 struct UntilStopped<'a, R> {
@@ -1085,7 +1089,7 @@ struct UntilStopped<'a, R> {
 
 impl<R: io::Read> io::Read for UntilStopped<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.stop.is_some_and(|stop| stop.load(Ordering::Relaxed)) {
+        if is_set(self.stop) {
             return Err(io::Error::other("the scan was stopped"));
         }
         self.inner.read(buf)
