@@ -810,6 +810,20 @@ impl Daemon {
         }
     }
 
+    /// Returns once the watcher's thread has handled every event it had read,
+    /// and so has watched the directories those events created. It watches a new
+    /// directory only after handing us the event, and the files written into it
+    /// before then raise none: a scan of that directory must read it after the
+    /// watch exists, or the files written in between are missed until the next
+    /// full rescan. (notify's inotify backend answers requests, this one
+    /// included, on the thread that handles events, between batches.)
+    fn watcher_caught_up(&self) {
+        let watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(watcher) = watcher.as_ref() {
+            let _ = watcher.watched_paths();
+        }
+    }
+
     fn known_peer(&self, peer: &PeerId) -> Option<KnownPeer> {
         self.peers
             .read()
@@ -1208,6 +1222,9 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                 })
                 .collect();
         });
+        // What this round scans was named by events already handled; their
+        // new directories must be watched before the scan reads them.
+        daemon.watcher_caught_up();
         let full_scan = Instant::now() >= next_full_scan;
         if full_scan {
             next_full_scan = Instant::now() + jittered(options.rescan_interval);

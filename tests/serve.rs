@@ -135,6 +135,39 @@ fn rounds_scan_what_the_watcher_named_and_full_rescans_find_the_rest() {
     });
 }
 
+/// The watcher watches a new directory only after reporting its creation, so the
+/// files written into it at once raise no event: the round that the creation
+/// starts must still find them. With the shortest delay, rounds start while the
+/// watcher is still busy; a file missed would wait for the hourly rescan.
+#[test]
+fn files_written_into_a_directory_just_created_are_all_recorded() {
+    let mut a = Device::new();
+    a.serve_args(&["--watch-delay", "0.001"]);
+    a.start();
+    wait_for("the first round", || a.last_synced().is_some());
+    let mut written = Vec::new();
+    for dir in 0..10 {
+        for file in 0..40 {
+            let rel = format!("new{dir}/f{file}.txt");
+            write(&a.folder, &rel, rel.as_bytes());
+            written.push(rel);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let missing = || {
+        written
+            .iter()
+            .filter(|rel| a.recorded(rel).is_none())
+            .collect::<Vec<_>>()
+    };
+    let start = Instant::now();
+    while !missing().is_empty() {
+        // Far less than the next full rescan, an hour away.
+        assert!(start.elapsed() < WAIT, "never recorded: {:?}", missing());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `latus folder` and `latus peer` while the daemons run: a folder shared then
 /// syncs at once (its connection says hello again), a peer removed is cut off.
 #[test]

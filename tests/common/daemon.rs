@@ -95,19 +95,17 @@ impl Device {
             .unwrap();
         let addr_file = self.home.join(latus::daemon::ADDR_FILE);
         let _ = fs::remove_file(&addr_file);
+        // A short delay unless the test sets its own.
+        let watch_delay: &[&str] = match self.serve_args.iter().any(|a| a == "--watch-delay") {
+            true => &[],
+            false => &["--watch-delay", "0.2"],
+        };
         let child = Command::new(LATUS)
             .env("LATUS_HOME", &self.home)
             .env_remove("LATUS_XMPP_PASSWORD")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .args([
-                "--log-level",
-                "info",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--watch-delay",
-                "0.2",
-            ])
+            .args(["--log-level", "info", "serve", "--listen", "127.0.0.1:0"])
+            .args(watch_delay)
             .args(&self.serve_args)
             .stdout(Stdio::null())
             .stderr(log)
