@@ -293,6 +293,7 @@ struct Daemon {
     /// The peers a dial loop runs for.
     dialing: Mutex<HashSet<PeerId>>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    watcher_pause: Arc<WatcherPause>,
     /// The folder paths the watcher watches.
     watched: Mutex<HashSet<PathBuf>>,
     connections: Mutex<HashMap<PeerId, Vec<Arc<Connection>>>>,
@@ -351,6 +352,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         xmpp: Mutex::new(None),
         dialing: Mutex::new(HashSet::new()),
         watcher: Mutex::new(None),
+        watcher_pause: Arc::default(),
         watched: Mutex::new(HashSet::new()),
         connections: Mutex::new(HashMap::new()),
         sources: Mutex::new(HashMap::new()),
@@ -816,11 +818,14 @@ impl Daemon {
     /// before then raise none: a scan of that directory must read it after the
     /// watch exists, or the files written in between are missed until the next
     /// full rescan. (notify's inotify backend answers requests, this one
-    /// included, on the thread that handles events, between batches.)
+    /// included, on the thread that handles events, between batches.) That
+    /// thread's pauses are cut short meanwhile, or a round would wait for one.
     fn watcher_caught_up(&self) {
         let watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(watcher) = watcher.as_ref() {
+            self.watcher_pause.set_awaited(true);
             let _ = watcher.watched_paths();
+            self.watcher_pause.set_awaited(false);
         }
     }
 
@@ -1101,6 +1106,28 @@ async fn dial(daemon: &Arc<Daemon>, peer: PeerId, addr: &str) -> Result<()> {
 const WATCH_AWAKE: Duration = Duration::from_millis(5);
 const WATCH_PAUSE: Duration = Duration::from_millis(20);
 
+/// The watcher thread's pauses (see `watch`), cut short while the sync loop
+/// waits for that thread (see `Daemon::watcher_caught_up`).
+#[derive(Default)]
+struct WatcherPause {
+    awaited: Mutex<bool>,
+    cut_short: Condvar,
+}
+
+impl WatcherPause {
+    fn pause(&self) {
+        let awaited = self.awaited.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .cut_short
+            .wait_timeout_while(awaited, WATCH_PAUSE, |awaited| !*awaited);
+    }
+
+    fn set_awaited(&self, awaited: bool) {
+        *self.awaited.lock().unwrap_or_else(|p| p.into_inner()) = awaited;
+        self.cut_short.notify_all();
+    }
+}
+
 /// Watches every folder, and the share list (`device.db`): a warning if the
 /// watcher cannot start, then only the periodic rescans find local changes.
 fn watch(daemon: &Arc<Daemon>) {
@@ -1156,12 +1183,14 @@ fn watch(daemon: &Arc<Daemon>) {
     // fifth of the placing thread's time. Pausing a little after an event, at
     // most every few milliseconds, lets the rest of a burst pile up and be read
     // in batches. The event itself is handled first: the first change after a
-    // quiet spell is not delayed.
+    // quiet spell is not delayed, and the sync loop waiting for this thread
+    // (see `watcher_caught_up`) is not kept waiting.
     let mut last_pause = Instant::now();
+    let pause = Arc::clone(&daemon.watcher_pause);
     let handler = move |event: notify::Result<notify::Event>| {
         take_event(event);
         if last_pause.elapsed() >= WATCH_AWAKE {
-            std::thread::sleep(WATCH_PAUSE);
+            pause.pause();
             last_pause = Instant::now();
         }
     };
