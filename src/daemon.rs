@@ -21,6 +21,10 @@
 //! available" and wakes the folder's loop as the watcher would: the rescan
 //! records the change, and the peer then asks for the new content.
 //!
+//! A path the merger deferred (changed here since its scan) is rescanned within
+//! a second even if the watcher said nothing, and a failed round is run again;
+//! while such retries keep coming back, their delay doubles up to five minutes.
+//!
 //! The share list (`device.db`) is watched too: a folder added or shared, or a
 //! peer added or removed, while the daemon runs takes effect at once; the
 //! connections of a peer whose shares changed are closed, so both sides say
@@ -1221,6 +1225,7 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
     // The folders scanned whole since the daemon started (or their last error).
     let mut scanned_whole = HashSet::new();
     let mut woke = Wake::default();
+    let mut retry = Retry::default();
     while !daemon.stop.load(Ordering::Relaxed) {
         match Shares::open(&daemon.data_dir).and_then(|s| Ok((s.folders()?, s.peers()?))) {
             Ok((folders, peers)) => daemon.apply_shares(handle, folders, peers),
@@ -1270,10 +1275,15 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&folder.path);
             let changed = woke.changed.remove(&folder.path);
-            let rescan = if full_scan || !watched || !scanned_whole.contains(&folder.id) {
-                Changed::Whole
-            } else {
-                changed.unwrap_or(Changed::Paths(BTreeSet::new()))
+            let deferred = retry.paths.remove(&folder.id).unwrap_or_default();
+            let rescan = match changed {
+                _ if full_scan || !watched || !scanned_whole.contains(&folder.id) => Changed::Whole,
+                Some(Changed::Whole) => Changed::Whole,
+                Some(Changed::Paths(mut paths)) => {
+                    paths.extend(deferred);
+                    Changed::Paths(paths)
+                }
+                None => Changed::Paths(deferred),
             };
             let result = sync_folder(daemon, handle, &folder, options, &rescan);
             match (&result, rescan) {
@@ -1282,11 +1292,16 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                     tracing::warn!("folder {}: {e}", folder.id);
                     // What the failed round was to scan is scanned whole next time.
                     scanned_whole.remove(&folder.id);
+                    retry.failed = true;
                 }
-                (Ok(()), Changed::Whole) => {
-                    scanned_whole.insert(folder.id.clone());
+                (Ok(deferred), rescan) => {
+                    if matches!(rescan, Changed::Whole) {
+                        scanned_whole.insert(folder.id.clone());
+                    }
+                    if !deferred.is_empty() {
+                        retry.paths.insert(folder.id.clone(), deferred.clone());
+                    }
                 }
-                (Ok(()), Changed::Paths(_)) => {}
             }
             let seq = published_seq(&daemon.published, &folder.id);
             // Written with the wake state locked: see `files_changed`.
@@ -1303,7 +1318,52 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
             });
             drop(wake);
         }
-        woke = daemon.wait(options, next_full_scan);
+        let retry_at = retry.schedule();
+        woke = daemon.wait(
+            options,
+            retry_at.map_or(next_full_scan, |at| at.min(next_full_scan)),
+        );
+    }
+}
+
+/// Retries of what a round could not finish: the paths the merger deferred
+/// (changed on disk since their scan, or content no peer could send) are
+/// rescanned, so that the rules decide again, and a failed round is run again.
+/// The watcher or a peer usually wakes the folder first; this is for when
+/// neither does (a file written through a memory map, a disk that was full).
+struct Retry {
+    /// The deferred paths of each folder (by id).
+    paths: HashMap<String, BTreeSet<String>>,
+    /// Whether a folder's last round failed.
+    failed: bool,
+    /// The wait before the next retry: doubled while retries keep failing.
+    delay: Duration,
+}
+
+/// The first wait before a retry, and the longest.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            paths: HashMap::new(),
+            failed: false,
+            delay: RETRY_FIRST,
+        }
+    }
+}
+
+impl Retry {
+    /// When the next round must run at the latest, if anything is to be retried.
+    fn schedule(&mut self) -> Option<Instant> {
+        if self.paths.is_empty() && !std::mem::take(&mut self.failed) {
+            self.delay = RETRY_FIRST;
+            return None;
+        }
+        let at = Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(RETRY_MAX);
+        Some(at)
     }
 }
 
@@ -1336,13 +1396,14 @@ fn jittered(interval: Duration) -> Duration {
 const NETWORK_BUILD_THREADS: usize = 8;
 
 /// One round for one folder: scan, then take what each connected peer changed.
+/// Returns the paths the merger deferred.
 fn sync_folder(
     daemon: &Arc<Daemon>,
     handle: &Handle,
     shared: &SharedFolder,
     options: &ServeOptions,
     rescan: &Changed,
-) -> Result<()> {
+) -> Result<BTreeSet<String>> {
     let folder = Folder::open_or_create(&shared.path)?;
     let _lock = folder.lock()?;
     let mut store = HistoryStore::open(&folder.history_path())?;
@@ -1383,6 +1444,7 @@ fn sync_folder(
         scan::scan(&folder, &mut store, replica, &scan_options)?;
     }
     let connections = daemon.connections_for(shared);
+    let mut deferred = BTreeSet::new();
     for connection in &connections {
         let Some(replica) = connection.folders.get(&shared.id).copied() else {
             continue;
@@ -1435,6 +1497,7 @@ fn sync_folder(
         if merged.deferred.is_empty() && !merged.interrupted {
             caught_up(daemon, &mut store)?;
         }
+        deferred.extend(merged.deferred);
         tracing::info!(
             "folder {}: {} changes from {}, {} bytes read from it, {} bytes resumed",
             shared.id,
@@ -1465,7 +1528,7 @@ fn sync_folder(
             xmpp.send_changed(shared.peers.clone(), &shared.id, after);
         }
     }
-    Ok(())
+    Ok(deferred)
 }
 
 /// How often a merge's progress is written to the status file at most.

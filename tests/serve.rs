@@ -168,6 +168,32 @@ fn files_written_into_a_directory_just_created_are_all_recorded() {
     }
 }
 
+/// The merger leaves a file that changed since its last scan alone, and the
+/// daemon rescans it itself even when the watcher saw nothing (a write through a
+/// memory map): then the rules decide, and both edits are kept.
+#[test]
+fn a_local_edit_the_watcher_missed_is_rescanned_when_a_peer_edit_meets_it() {
+    let (a, b) = pair();
+    write(&a.folder, "doc.txt", b"first version of the document");
+    wait_same(&a, &b);
+    // Once B's round for this file reached A, B's watcher has nothing left to
+    // say about doc.txt (placing it raised events, and would rescan it).
+    write(&b.folder, "marker.txt", b"B is done with doc.txt");
+    wait_same(&a, &b);
+    write_through_mmap(&b.folder.join("doc.txt"), b"EDITED ON B");
+    write(&a.folder, "doc.txt", b"edited on a");
+    wait_same(&a, &b);
+    let files = tree(&a.folder);
+    let copies = files.keys().filter(|n| n.contains("sync-conflict")).count();
+    assert_eq!(copies, 1, "{:?}", files.keys());
+    let contents: Vec<&[u8]> = files.values().flatten().map(Vec::as_slice).collect();
+    assert!(contents.contains(&&b"edited on a"[..]), "{files:?}");
+    assert!(
+        contents.contains(&&b"EDITED ON Bon of the document"[..]),
+        "{files:?}"
+    );
+}
+
 /// `latus folder` and `latus peer` while the daemons run: a folder shared then
 /// syncs at once (its connection says hello again), a peer removed is cut off.
 #[test]
