@@ -42,6 +42,8 @@ pub struct Connection {
     next_id: AtomicU64,
     closed: AtomicBool,
     close_requested: Notify,
+    /// Where news waits for room in a full outgoing queue.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Connection {
@@ -79,11 +81,20 @@ impl Connection {
     }
 
     /// Tells the peer that this device's history of `folder` ends at `seq`.
+    /// Never dropped, since the peer may hear of no later change for an hour:
+    /// when the outgoing queue is full, the news waits for room on the runtime,
+    /// not on the caller (a scan or a round).
     pub fn notify_changed(&self, folder: &str, seq: u64) {
-        let _ = self.outgoing.try_send(Message::Changed {
+        let news = Message::Changed {
             folder: folder.to_string(),
             seq,
-        });
+        };
+        if let Err(mpsc::error::TrySendError::Full(news)) = self.outgoing.try_send(news) {
+            let outgoing = self.outgoing.clone();
+            self.runtime.spawn(async move {
+                let _ = outgoing.send(news).await;
+            });
+        }
     }
 
     fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Response>>> {
@@ -138,6 +149,7 @@ where
         next_id: AtomicU64::new(1),
         closed: AtomicBool::new(false),
         close_requested: Notify::new(),
+        runtime: tokio::runtime::Handle::current(),
     });
     up(Arc::clone(&connection));
 
@@ -217,5 +229,47 @@ fn describe(message: &Message) -> String {
         Message::Request { id, .. } => format!("request {id}"),
         Message::Response { id, .. } => format!("response {id}"),
         Message::Changed { folder, seq } => format!("changed {folder} {seq}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn news_waits_for_room_when_the_outgoing_queue_is_full() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (outgoing, mut queue) = mpsc::channel(1);
+        let connection = Connection {
+            peer: PeerId([1; 32]),
+            name: "peer".into(),
+            folders: HashMap::new(),
+            outgoing,
+            pending: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            close_requested: Notify::new(),
+            runtime: runtime.handle().clone(),
+        };
+        connection.notify_changed("docs", 1);
+        connection.notify_changed("docs", 2);
+        let seqs = runtime.block_on(async {
+            let mut seqs = Vec::new();
+            while let Ok(Some(news)) =
+                tokio::time::timeout(Duration::from_secs(5), queue.recv()).await
+            {
+                if let Message::Changed { seq, .. } = news {
+                    seqs.push(seq);
+                }
+                if seqs.len() == 2 {
+                    break;
+                }
+            }
+            seqs
+        });
+        assert_eq!(seqs, [1, 2]);
     }
 }
