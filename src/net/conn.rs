@@ -59,8 +59,17 @@ impl Connection {
     pub async fn request(&self, request: Request) -> Result<Response> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending_map().insert(id, tx);
         let gone = || Error::Peer(format!("the connection to {} closed", self.name));
+        {
+            // Checked under the lock that `run` takes to fail the waiting
+            // requests, after it marks the connection closed: a request made
+            // after that would otherwise wait for its timeout.
+            let mut pending = self.pending_map();
+            if self.is_closed() {
+                return Err(gone());
+            }
+            pending.insert(id, tx);
+        }
         if self
             .outgoing
             .send(Message::Request { id, request })
@@ -236,6 +245,24 @@ fn describe(message: &Message) -> String {
 mod tests {
     use super::*;
 
+    fn connection(
+        outgoing: mpsc::Sender<Message>,
+        closed: bool,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Connection {
+        Connection {
+            peer: PeerId([1; 32]),
+            name: "peer".into(),
+            folders: HashMap::new(),
+            outgoing,
+            pending: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(closed),
+            close_requested: Notify::new(),
+            runtime: runtime.handle().clone(),
+        }
+    }
+
     #[test]
     fn news_waits_for_room_when_the_outgoing_queue_is_full() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -243,17 +270,7 @@ mod tests {
             .build()
             .unwrap();
         let (outgoing, mut queue) = mpsc::channel(1);
-        let connection = Connection {
-            peer: PeerId([1; 32]),
-            name: "peer".into(),
-            folders: HashMap::new(),
-            outgoing,
-            pending: Mutex::default(),
-            next_id: AtomicU64::new(1),
-            closed: AtomicBool::new(false),
-            close_requested: Notify::new(),
-            runtime: runtime.handle().clone(),
-        };
+        let connection = connection(outgoing, false, &runtime);
         connection.notify_changed("docs", 1);
         connection.notify_changed("docs", 2);
         let seqs = runtime.block_on(async {
@@ -271,5 +288,28 @@ mod tests {
             seqs
         });
         assert_eq!(seqs, [1, 2]);
+    }
+
+    #[test]
+    fn a_request_on_a_closed_connection_fails_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // The queue still takes frames: its sender task may not be gone yet.
+        let (outgoing, _queue) = mpsc::channel(8);
+        let connection = connection(outgoing, true, &runtime);
+        let request = Request::ChunksOf {
+            folder: "docs".into(),
+            content: [0; 32],
+        };
+        let answer = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), connection.request(request)).await
+        });
+        match answer {
+            Ok(Err(e)) => assert!(e.to_string().contains("closed"), "{e}"),
+            Ok(Ok(_)) => panic!("an answer on a closed connection"),
+            Err(_) => panic!("the request waited on a closed connection"),
+        }
     }
 }
