@@ -245,12 +245,16 @@ fn describe(message: &Message) -> String {
 mod tests {
     use super::*;
 
+    /// A connection whose frames go to `outgoing`, and the runtime it spawns on.
     fn connection(
         outgoing: mpsc::Sender<Message>,
         closed: bool,
-        runtime: &tokio::runtime::Runtime,
-    ) -> Connection {
-        Connection {
+    ) -> (tokio::runtime::Runtime, Connection) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let connection = Connection {
             peer: PeerId([1; 32]),
             name: "peer".into(),
             folders: HashMap::new(),
@@ -260,17 +264,14 @@ mod tests {
             closed: AtomicBool::new(closed),
             close_requested: Notify::new(),
             runtime: runtime.handle().clone(),
-        }
+        };
+        (runtime, connection)
     }
 
     #[test]
     fn news_waits_for_room_when_the_outgoing_queue_is_full() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
         let (outgoing, mut queue) = mpsc::channel(1);
-        let connection = connection(outgoing, false, &runtime);
+        let (runtime, connection) = connection(outgoing, false);
         connection.notify_changed("docs", 1);
         connection.notify_changed("docs", 2);
         let seqs = runtime.block_on(async {
@@ -292,13 +293,9 @@ mod tests {
 
     #[test]
     fn a_request_on_a_closed_connection_fails_at_once() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
         // The queue still takes frames: its sender task may not be gone yet.
         let (outgoing, _queue) = mpsc::channel(8);
-        let connection = connection(outgoing, true, &runtime);
+        let (runtime, connection) = connection(outgoing, true);
         let request = Request::ChunksOf {
             folder: "docs".into(),
             content: [0; 32],
