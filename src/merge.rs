@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::folder::{Folder, TEMP_PREFIX, check_relative};
 use crate::history::{Entry, HistoryStore, Kind, Record};
 use crate::now_ns;
-use crate::peer::{Peer, is_gone, open_source, read_verified};
+use crate::peer::{AskedChunks, Peer, is_gone, open_source, read_verified};
 use crate::scan::RACY_WINDOW_NS;
 use crate::trash::Trash;
 
@@ -265,8 +265,9 @@ struct Built {
 
 /// In `.latus/`: files being assembled from a peer's chunks, by content hash.
 pub const PARTIAL_DIR: &str = "partial";
-/// Chunks a resumable build asks the peer for at once.
-const CHUNKS_IN_FLIGHT: usize = 16;
+/// Chunks in a window of a resumable build: it asks the peer for one window
+/// while it writes the one before.
+const CHUNKS_PER_WINDOW: usize = 16;
 
 /// How old the history a build thread reads may be.
 const SNAPSHOT_AGE: Duration = Duration::from_secs(1);
@@ -334,6 +335,17 @@ impl Builds {
             }
         }
     }
+}
+
+/// A window of a resumable build's chunks (at most [`CHUNKS_PER_WINDOW`]).
+struct Window<'c, 'p> {
+    chunks: &'c [ChunkInfo],
+    /// Each chunk's bytes once placed: `None` for those already in the partial
+    /// file, and for the missing ones until they arrive.
+    placed: Vec<Option<Vec<u8>>>,
+    /// Where the chunks asked of the peer go in `placed`, in the order asked.
+    missing: Vec<usize>,
+    asked: Option<AskedChunks<'p>>,
 }
 
 /// What every build thread shares.
@@ -664,47 +676,38 @@ impl<'a> Builder<'a> {
         // What an earlier, stopped build left: chunks past it are not read back.
         let left = output.metadata().map_err(|e| Error::io(partial, e))?.len();
         let mut built = Built::default();
-        let mut buffer = Vec::new();
         let write = |bytes: &[u8], chunk: &ChunkInfo| {
             output
                 .write_all_at(bytes, chunk.offset)
                 .map_err(|e| Error::io(partial, e))
         };
-        for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
-            // Each chunk's bytes once placed: `None` for those already in the
-            // partial file.
-            let mut placed: Vec<Option<Vec<u8>>> = Vec::with_capacity(window.len());
-            let mut missing = Vec::new();
-            for chunk in window {
-                // Not readable there (a shorter partial file): not there yet.
-                let within = chunk.offset + u64::from(chunk.len) <= left;
-                if within && matches!(holds_chunk(&output, chunk, &mut buffer), Ok(true)) {
-                    built.bytes_resumed += u64::from(chunk.len);
-                    placed.push(None);
-                } else if let Some(bytes) = self.local_chunk(chunk)? {
-                    built.bytes_local += bytes.len() as u64;
-                    placed.push(Some(bytes));
-                } else {
-                    missing.push((placed.len(), *chunk));
-                    placed.push(None);
+        // Each window's chunks are asked for before the previous window's are
+        // awaited and written: the peer is never left idle in between.
+        let mut previous = None;
+        let windows = chunks.chunks(CHUNKS_PER_WINDOW).map(Some);
+        for chunks in windows.chain(std::iter::once(None)) {
+            let next = match chunks {
+                Some(chunks) => {
+                    Some(self.open_window(target, &content, chunks, &output, left, &mut built)?)
                 }
-            }
-            if !missing.is_empty() {
-                let wanted: Vec<ChunkInfo> = missing.iter().map(|(_, chunk)| *chunk).collect();
-                let fetched = self
-                    .shared
-                    .peer
-                    .read_chunks(&target.path, &content, &wanted)?;
-                if fetched.len() != missing.len() {
+                None => None,
+            };
+            let Some(mut window) = std::mem::replace(&mut previous, next) else {
+                continue;
+            };
+            let placed = &mut window.placed;
+            if let Some(asked) = window.asked.take() {
+                let fetched = asked()?;
+                if fetched.len() != window.missing.len() {
                     return Err(Error::Peer(format!(
                         "{}: the peer answered {} of {} chunks",
                         target.path,
                         fetched.len(),
-                        missing.len()
+                        window.missing.len()
                     )));
                 }
                 let mut complete = true;
-                for ((index, _), bytes) in missing.iter().zip(fetched) {
+                for (index, bytes) in window.missing.iter().zip(fetched) {
                     match bytes {
                         Some(bytes) => {
                             built.bytes_fetched += bytes.len() as u64;
@@ -715,7 +718,7 @@ impl<'a> Builder<'a> {
                 }
                 if !complete {
                     // What did arrive stays in the partial file for the next try.
-                    for (chunk, bytes) in window.iter().zip(&placed) {
+                    for (chunk, bytes) in window.chunks.iter().zip(placed.iter()) {
                         if let Some(bytes) = bytes {
                             write(bytes, chunk)?;
                         }
@@ -731,7 +734,7 @@ impl<'a> Builder<'a> {
                     .map_while(|bytes| bytes.as_deref())
                     .collect();
                 if !run.is_empty() {
-                    write_all_vectored_at(&output, &run, window[at].offset)
+                    write_all_vectored_at(&output, &run, window.chunks[at].offset)
                         .map_err(|e| Error::io(partial, e))?;
                 }
                 at += run.len().max(1);
@@ -742,6 +745,50 @@ impl<'a> Builder<'a> {
             .map_err(|e| Error::io(partial, e))?;
         finish_file(output, partial, target, PARTIAL_MODE)?;
         Ok(Some(built))
+    }
+
+    /// The chunks of `chunks` found in the partial file (up to `left`, its
+    /// length when the build began) or elsewhere in this folder, and the rest
+    /// asked of the peer.
+    fn open_window<'c>(
+        &mut self,
+        target: &Entry,
+        content: &Hash,
+        chunks: &'c [ChunkInfo],
+        partial: &File,
+        left: u64,
+        built: &mut Built,
+    ) -> Result<Window<'c, 'a>> {
+        let mut buffer = Vec::new();
+        let mut placed = Vec::with_capacity(chunks.len());
+        let mut missing = Vec::new();
+        let mut wanted = Vec::new();
+        for chunk in chunks {
+            // Not readable there (a shorter partial file): not there yet.
+            let within = chunk.offset + u64::from(chunk.len) <= left;
+            if within && matches!(holds_chunk(partial, chunk, &mut buffer), Ok(true)) {
+                built.bytes_resumed += u64::from(chunk.len);
+                placed.push(None);
+            } else if let Some(bytes) = self.local_chunk(chunk)? {
+                built.bytes_local += bytes.len() as u64;
+                placed.push(Some(bytes));
+            } else {
+                missing.push(placed.len());
+                wanted.push(*chunk);
+                placed.push(None);
+            }
+        }
+        let asked = (!wanted.is_empty()).then(|| {
+            self.shared
+                .peer
+                .ask_for_chunks(&target.path, content, &wanted)
+        });
+        Ok(Window {
+            chunks,
+            placed,
+            missing,
+            asked,
+        })
     }
 
     /// Where this folder holds `chunk` (a file that still has the size and mtime

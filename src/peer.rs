@@ -21,6 +21,9 @@ use crate::merge::copy_range;
 use crate::scan::Stat;
 
 /// `Sync`: the merger builds several files at once, each asking for chunks.
+/// The answers to [`Peer::ask_for_chunks`], in the order asked, when called.
+pub type AskedChunks<'p> = Box<dyn FnOnce() -> Result<Vec<Option<Vec<u8>>>> + 'p>;
+
 pub trait Peer: Sync {
     /// The peer's replica id: the author id of the versions it records.
     fn id(&self) -> PeerId;
@@ -33,18 +36,20 @@ pub trait Peer: Sync {
     /// changed since it was hashed). Bytes returned have the chunk's hash: each
     /// implementation checks what it read or received (the merger relies on it).
     fn read_chunk(&self, path: &str, content: &Hash, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>>;
-    /// Several chunks of `content`, each as [`Peer::read_chunk`] would answer.
-    /// A network peer asks for all of them before it waits for any.
-    fn read_chunks(
-        &self,
+    /// Several chunks of `content`, each as [`Peer::read_chunk`] would answer,
+    /// once the returned call is made. A network peer asks for all of them
+    /// now, so that a build writes the chunks it has while these are on their way.
+    fn ask_for_chunks<'p>(
+        &'p self,
         path: &str,
         content: &Hash,
         chunks: &[ChunkInfo],
-    ) -> Result<Vec<Option<Vec<u8>>>> {
-        chunks
+    ) -> AskedChunks<'p> {
+        let answers = chunks
             .iter()
             .map(|chunk| self.read_chunk(path, content, chunk))
-            .collect()
+            .collect();
+        Box::new(move || answers)
     }
 
     /// Chunks the merger will soon ask for with [`Peer::read_chunk`], each with

@@ -445,6 +445,88 @@ fn a_file_of_a_local_peer_changed_unseen_since_its_scan_is_not_copied_unread() {
     assert!(report.identical);
 }
 
+/// A folder peer that logs when the merger asks for chunks and when it waits
+/// for them.
+struct AskLoggingPeer<'a> {
+    peer: &'a FolderPeer,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl AskLoggingPeer<'_> {
+    fn note(&self, what: String) {
+        self.log.lock().unwrap().push(what);
+    }
+}
+
+impl Peer for AskLoggingPeer<'_> {
+    fn id(&self) -> latus::device::PeerId {
+        self.peer.id()
+    }
+    fn changes_since(&self, seq: u64, limit: usize) -> latus::Result<Vec<latus::history::Entry>> {
+        self.peer.changes_since(seq, limit)
+    }
+    fn chunks_of(&self, content: &Hash) -> latus::Result<Vec<latus::content::ChunkInfo>> {
+        self.peer.chunks_of(content)
+    }
+    fn read_chunk(
+        &self,
+        path: &str,
+        content: &Hash,
+        chunk: &latus::content::ChunkInfo,
+    ) -> latus::Result<Option<Vec<u8>>> {
+        self.peer.read_chunk(path, content, chunk)
+    }
+    fn ask_for_chunks<'p>(
+        &'p self,
+        path: &str,
+        content: &Hash,
+        chunks: &[latus::content::ChunkInfo],
+    ) -> latus::peer::AskedChunks<'p> {
+        let first = chunks[0].offset;
+        self.note(format!("ask {first}"));
+        let answers = self.peer.ask_for_chunks(path, content, chunks);
+        Box::new(move || {
+            self.note(format!("wait {first}"));
+            answers()
+        })
+    }
+}
+
+/// A resumable build (the daemon's) keeps the peer busy: it asks for the
+/// chunks of its next window before it waits for those of the current one and
+/// writes them, so a window is always on its way while the other is written.
+#[test]
+fn a_resumable_build_asks_for_the_next_chunks_before_it_waits_for_the_ones_before() {
+    let p = Pair::new();
+    let content = bytes(4 << 20, 33);
+    write(&p.a, "big.bin", &content);
+    let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
+    let logging = AskLoggingPeer {
+        peer: &peer_a,
+        log: Default::default(),
+    };
+    let options = MergeOptions {
+        resumable: true,
+        ..Default::default()
+    };
+    let merged = merge::apply(&fb, &mut sb, &logging, plan, &options).unwrap();
+    assert_eq!(merged.applied, 1);
+    assert_eq!(merged.bytes_fetched, 4 << 20);
+    assert_eq!(files(&p.b)["big.bin"], content);
+
+    let log = logging.log.into_inner().unwrap();
+    let windows: Vec<&str> = log.iter().filter_map(|l| l.strip_prefix("ask ")).collect();
+    assert!(windows.len() >= 3, "{log:?}");
+    // ask 1st, ask 2nd, wait 1st, ask 3rd, wait 2nd, ..., wait last.
+    let mut expected = vec![format!("ask {}", windows[0])];
+    for pair in windows.windows(2) {
+        expected.push(format!("ask {}", pair[1]));
+        expected.push(format!("wait {}", pair[0]));
+    }
+    expected.push(format!("wait {}", windows[windows.len() - 1]));
+    assert_eq!(log, expected);
+}
+
 #[test]
 fn a_moved_file_is_renamed_not_copied_and_a_copied_one_is_copied_locally() {
     let p = Pair::new();

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::history::Entry;
 use crate::net::conn::Connection;
 use crate::net::protocol::{MAX_ENTRIES, Request, Response, WantedChunk, WireChunk, chunk_batches};
-use crate::peer::Peer;
+use crate::peer::{AskedChunks, Peer};
 
 /// Bytes of chunks asked for ahead of their builds, at most, per folder and peer.
 const PREFETCH_MAX_BYTES: usize = 4 << 20;
@@ -334,27 +334,31 @@ impl Peer for RemoteFolder {
         Ok(self.handle.block_on(fetch.run())?.pop().flatten())
     }
 
-    fn read_chunks(
-        &self,
+    fn ask_for_chunks<'p>(
+        &'p self,
         path: &str,
         content: &Hash,
         chunks: &[ChunkInfo],
-    ) -> Result<Vec<Option<Vec<u8>>>> {
+    ) -> AskedChunks<'p> {
         // All the requests go out before the first answer is awaited.
         let wanted = chunks.iter().map(|c| wanted(path, content, c)).collect();
         let pending: Vec<_> = chunk_batches(wanted)
             .into_iter()
             .map(|batch| self.handle.spawn(self.fetcher(batch).run()))
             .collect();
-        self.handle.block_on(async {
-            let mut answers = Vec::with_capacity(chunks.len());
-            for task in pending {
-                answers.extend(
-                    task.await
-                        .map_err(|e| Error::Internal(format!("a chunk request stopped: {e}")))??,
-                );
-            }
-            Ok(answers)
+        let count = chunks.len();
+        Box::new(move || {
+            self.handle.block_on(async {
+                let mut answers = Vec::with_capacity(count);
+                for task in pending {
+                    answers.extend(
+                        task.await.map_err(|e| {
+                            Error::Internal(format!("a chunk request stopped: {e}"))
+                        })??,
+                    );
+                }
+                Ok(answers)
+            })
         })
     }
 
