@@ -73,12 +73,15 @@ impl Pair {
 }
 
 /// A folder peer as the engine sees it, watched: it answers at most `at_most`
-/// history entries at a time, as a network peer does (5,000), and counts the
-/// chunks it is asked to read one by one (beside the runs it copies unread).
+/// history entries at a time, as a network peer does (5,000), counts the
+/// chunks it is asked to read one by one (beside the runs it copies unread),
+/// and logs when the merger asks for chunks together and when it waits for
+/// them ("ask OFFSET", "wait OFFSET", by the offset of the first).
 struct WatchedPeer<'a> {
     peer: &'a FolderPeer,
     at_most: usize,
     chunk_reads: AtomicUsize,
+    asks: std::sync::Mutex<Vec<String>>,
 }
 
 impl<'a> WatchedPeer<'a> {
@@ -87,6 +90,7 @@ impl<'a> WatchedPeer<'a> {
             peer,
             at_most,
             chunk_reads: AtomicUsize::new(0),
+            asks: Default::default(),
         }
     }
 }
@@ -109,6 +113,24 @@ impl Peer for WatchedPeer<'_> {
     ) -> latus::Result<Option<Vec<u8>>> {
         self.chunk_reads.fetch_add(1, Ordering::Relaxed);
         self.peer.read_chunk(path, content, chunk)
+    }
+    fn ask_for_chunks<'p>(
+        &'p self,
+        path: &str,
+        content: &Hash,
+        chunks: &[latus::content::ChunkInfo],
+    ) -> latus::peer::AskedChunks<'p> {
+        let first = chunks.first().map_or(0, |chunk| chunk.offset);
+        let note = move |what: &str| self.asks.lock().unwrap().push(format!("{what} {first}"));
+        note("ask");
+        let answers: latus::Result<Vec<_>> = chunks
+            .iter()
+            .map(|chunk| self.read_chunk(path, content, chunk))
+            .collect();
+        Box::new(move || {
+            note("wait");
+            answers
+        })
     }
     fn copy_unread(
         &self,
@@ -445,53 +467,6 @@ fn a_file_of_a_local_peer_changed_unseen_since_its_scan_is_not_copied_unread() {
     assert!(report.identical);
 }
 
-/// A folder peer that logs when the merger asks for chunks and when it waits
-/// for them.
-struct AskLoggingPeer<'a> {
-    peer: &'a FolderPeer,
-    log: std::sync::Mutex<Vec<String>>,
-}
-
-impl AskLoggingPeer<'_> {
-    fn note(&self, what: String) {
-        self.log.lock().unwrap().push(what);
-    }
-}
-
-impl Peer for AskLoggingPeer<'_> {
-    fn id(&self) -> latus::device::PeerId {
-        self.peer.id()
-    }
-    fn changes_since(&self, seq: u64, limit: usize) -> latus::Result<Vec<latus::history::Entry>> {
-        self.peer.changes_since(seq, limit)
-    }
-    fn chunks_of(&self, content: &Hash) -> latus::Result<Vec<latus::content::ChunkInfo>> {
-        self.peer.chunks_of(content)
-    }
-    fn read_chunk(
-        &self,
-        path: &str,
-        content: &Hash,
-        chunk: &latus::content::ChunkInfo,
-    ) -> latus::Result<Option<Vec<u8>>> {
-        self.peer.read_chunk(path, content, chunk)
-    }
-    fn ask_for_chunks<'p>(
-        &'p self,
-        path: &str,
-        content: &Hash,
-        chunks: &[latus::content::ChunkInfo],
-    ) -> latus::peer::AskedChunks<'p> {
-        let first = chunks[0].offset;
-        self.note(format!("ask {first}"));
-        let answers = self.peer.ask_for_chunks(path, content, chunks);
-        Box::new(move || {
-            self.note(format!("wait {first}"));
-            answers()
-        })
-    }
-}
-
 /// A resumable build (the daemon's) keeps the peer busy: it asks for the
 /// chunks of its next window before it waits for those of the current one and
 /// writes them, so a window is always on its way while the other is written.
@@ -501,10 +476,7 @@ fn a_resumable_build_asks_for_the_next_chunks_before_it_waits_for_the_ones_befor
     let content = bytes(4 << 20, 33);
     write(&p.a, "big.bin", &content);
     let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
-    let logging = AskLoggingPeer {
-        peer: &peer_a,
-        log: Default::default(),
-    };
+    let logging = WatchedPeer::new(&peer_a, usize::MAX);
     let options = MergeOptions {
         resumable: true,
         ..Default::default()
@@ -514,7 +486,7 @@ fn a_resumable_build_asks_for_the_next_chunks_before_it_waits_for_the_ones_befor
     assert_eq!(merged.bytes_fetched, 4 << 20);
     assert_eq!(files(&p.b)["big.bin"], content);
 
-    let log = logging.log.into_inner().unwrap();
+    let log = logging.asks.into_inner().unwrap();
     let windows: Vec<&str> = log.iter().filter_map(|l| l.strip_prefix("ask ")).collect();
     assert!(windows.len() >= 3, "{log:?}");
     // ask 1st, ask 2nd, wait 1st, ask 3rd, wait 2nd, ..., wait last.
