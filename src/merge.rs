@@ -1051,9 +1051,6 @@ impl Read for ReadFrom<'_> {
     }
 }
 
-/// Creates the temp file for `target` with its permissions already (the umask
-/// permitting): no chmod afterwards, and one file-system event less per file
-/// for the watchers of this folder, our own included.
 /// Files from this size on have their blocks reserved before they are written
 /// ([`reserve_blocks`]); for smaller ones the call would cost more than it saves.
 const RESERVE_FROM: u64 = 1 << 20;
@@ -1062,8 +1059,8 @@ const RESERVE_FROM: u64 = 1 << 20;
 /// changing its length (which tells a resumed build what it holds). Writing
 /// into reserved blocks costs ext4 about half the CPU of allocating them as it
 /// goes (512 MiB in 1 MiB writes: 0.055 s against 0.10 s of system time), and
-/// a disk too full for the file says so before anything is fetched. A file
-/// system that cannot reserve (FAT, some FUSE ones) is written as before.
+/// a disk too full for the file says so before anything is fetched. On a file
+/// system that cannot reserve, the file is written as before.
 fn reserve_blocks(file: &File, len: u64) -> std::io::Result<()> {
     let Ok(len) = libc::off_t::try_from(len) else {
         return Ok(());
@@ -1079,11 +1076,21 @@ fn reserve_blocks(file: &File, len: u64) -> std::io::Result<()> {
     }
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
-        Some(libc::ENOSPC | libc::EDQUOT) => Err(err),
+        Some(libc::ENOSPC | libc::EDQUOT) => {
+            // ext4 keeps what it reserved before it ran out: all the free space.
+            // Truncating to the length frees the blocks past it.
+            if let Ok(meta) = file.metadata() {
+                let _ = file.set_len(meta.len());
+            }
+            Err(err)
+        }
         _ => Ok(()),
     }
 }
 
+/// Creates the temp file for `target` with its permissions already (the umask
+/// permitting): no chmod afterwards, and one file-system event less per file
+/// for the watchers of this folder, our own included.
 fn create_temp(temp: &Path, target: &Entry) -> Result<File> {
     File::options()
         .read(true) // to check what was copied into it unread
@@ -1792,6 +1799,49 @@ mod tests {
         // st_blocks counts 512-byte units.
         assert!(big.blocks() * 512 >= 4 << 20, "{} blocks", big.blocks());
         assert_eq!(small.blocks(), 0);
+    }
+
+    /// A reservation the disk cannot hold fails, and gives back what it took:
+    /// the rest of the daemon (its history first) still has the free space.
+    /// Needs a small file system: `LATUS_TEST_SMALL_DISK_DIR` (CI mounts one).
+    #[test]
+    fn a_reservation_the_disk_cannot_hold_fails_and_keeps_no_blocks() {
+        let Some(dir) = std::env::var_os("LATUS_TEST_SMALL_DISK_DIR") else {
+            eprintln!("LATUS_TEST_SMALL_DISK_DIR is not set: not tested");
+            return;
+        };
+        let dir = tempfile::tempdir_in(dir).unwrap();
+        let free = || {
+            let stat = free_bytes(dir.path());
+            assert!(stat > 1 << 20, "the test file system is full already");
+            stat
+        };
+        let before = free();
+        let file = File::create_new(dir.path().join("big")).unwrap();
+        file.write_all_at(b"head", 0).unwrap();
+        let err = reserve_blocks(&file, before * 2).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), 4);
+        assert!(
+            free() >= before - (64 << 10),
+            "{} of {before} bytes free",
+            free()
+        );
+    }
+
+    /// Bytes free for an unprivileged user on the file system of `path`.
+    fn free_bytes(path: &Path) -> u64 {
+        let path = c_path(path).unwrap();
+        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is a valid C string and `stat` is written by the call.
+        assert_eq!(
+            unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) },
+            0
+        );
+        // SAFETY: statvfs succeeded, so it filled `stat`.
+        let stat = unsafe { stat.assume_init() };
+        stat.f_bavail * stat.f_frsize
     }
 
     /// A version of `path` the peer authored at `utime_ns` and recorded as `seq`.
