@@ -1811,22 +1811,17 @@ mod tests {
             return;
         };
         let dir = tempfile::tempdir_in(dir).unwrap();
-        let free = || {
-            let stat = free_bytes(dir.path());
-            assert!(stat > 1 << 20, "the test file system is full already");
-            stat
-        };
-        let before = free();
+        let before = free_bytes(dir.path());
+        assert!(before > 1 << 20, "the test file system is full already");
         let file = File::create_new(dir.path().join("big")).unwrap();
         file.write_all_at(b"head", 0).unwrap();
         let err = reserve_blocks(&file, before * 2).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
-        let meta = file.metadata().unwrap();
-        assert_eq!(meta.len(), 4);
+        assert_eq!(file.metadata().unwrap().len(), 4);
+        let after = free_bytes(dir.path());
         assert!(
-            free() >= before - (64 << 10),
-            "{} of {before} bytes free",
-            free()
+            after >= before - (64 << 10),
+            "{after} of {before} bytes free after"
         );
     }
 
