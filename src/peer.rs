@@ -20,10 +20,10 @@ use crate::history::{Entry, HistoryStore, Kind};
 use crate::merge::copy_range;
 use crate::scan::Stat;
 
-/// `Sync`: the merger builds several files at once, each asking for chunks.
 /// The answers to [`Peer::ask_for_chunks`], in the order asked, when called.
 pub type AskedChunks<'p> = Box<dyn FnOnce() -> Result<Vec<Option<Vec<u8>>>> + 'p>;
 
+/// `Sync`: the merger builds several files at once, each asking for chunks.
 pub trait Peer: Sync {
     /// The peer's replica id: the author id of the versions it records.
     fn id(&self) -> PeerId;
