@@ -1334,7 +1334,7 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
 struct Retry {
     /// The deferred paths of each folder (by id).
     paths: HashMap<String, BTreeSet<String>>,
-    /// Whether a folder's last round failed.
+    /// Whether a round of some folder failed since the last `schedule`.
     failed: bool,
     /// The wait before the next retry: doubled while retries keep failing.
     delay: Duration,
