@@ -234,6 +234,11 @@ enum FolderCommand {
     Add { folder_id: String, path: PathBuf },
     /// Share a folder with a known peer: it may then see and change it.
     Share { folder_id: String, peer_id: String },
+    /// Stop sharing a folder with a peer: it may no longer see or change it.
+    Unshare { folder_id: String, peer_id: String },
+    /// Stop syncing a folder. Its files, and its history in .latus/, stay where
+    /// they are: added again, it takes up where it stopped.
+    Remove { folder_id: String },
     /// List the folders and the peers each is shared with.
     List {
         #[arg(long)]
@@ -840,6 +845,24 @@ fn folder_command(home: &Home, command: FolderCommand) -> Result<()> {
             let id = parse_peer_id(&peer_id)?;
             shares.share(&folder_id, &id)?;
             println!("folder {folder_id} shared with {id}");
+        }
+        FolderCommand::Unshare { folder_id, peer_id } => {
+            let id = parse_peer_id(&peer_id)?;
+            anyhow::ensure!(
+                shares.unshare(&folder_id, &id)?,
+                "folder {folder_id:?} is not shared with {id}"
+            );
+            println!("folder {folder_id} no longer shared with {id}");
+        }
+        FolderCommand::Remove { folder_id } => {
+            let folder = shares
+                .folder(&folder_id)?
+                .with_context(|| format!("no folder {folder_id:?}"))?;
+            shares.remove_folder(&folder_id)?;
+            println!(
+                "folder {folder_id} is no longer synced; its files stay in {}",
+                folder.path.display()
+            );
         }
         FolderCommand::List { json } => {
             let folders = shares.folders()?;

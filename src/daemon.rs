@@ -705,8 +705,21 @@ impl Daemon {
             }
             shares
         };
-        let before = shares_of(&self.folders.read().unwrap_or_else(|p| p.into_inner()));
+        let old_folders = self
+            .folders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let before = shares_of(&old_folders);
         let after = shares_of(&folders);
+        // Removed, or moved to another path.
+        let gone: Vec<&SharedFolder> = old_folders
+            .iter()
+            .filter(|old| !folders.iter().any(|f| f.id == old.id && f.path == old.path))
+            .collect();
+        for folder in &gone {
+            self.forget(folder);
+        }
         // A new folder's history and replica id exist before a hello names it.
         let prepared: HashSet<String> = self
             .replicas
@@ -755,7 +768,9 @@ impl Daemon {
         }
         let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         for (peer, list) in connections.iter() {
-            if before.get(peer) != after.get(peer) {
+            // A folder at another path has another replica id: hello again.
+            let moved = gone.iter().any(|f| f.peers.contains(peer));
+            if before.get(peer) != after.get(peer) || moved {
                 tracing::info!("the folders shared with {peer} changed: reconnecting");
                 list.iter().for_each(|c| c.close());
             }
@@ -763,6 +778,41 @@ impl Daemon {
         drop(connections);
         self.start_dialers(handle);
         self.watch_folders();
+    }
+
+    /// Lets go of a folder removed from the share list, or moved to another
+    /// path: its watch, its open history and its replica id (read again from
+    /// the new path, if any).
+    fn forget(&self, folder: &SharedFolder) {
+        tracing::info!(
+            "folder {} at {}: no longer synced here",
+            folder.id,
+            folder.path.display()
+        );
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&folder.id);
+        self.replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&folder.id);
+        // Not locked while unwatching: see `watch_folders`.
+        let was_watched = self
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&folder.path);
+        if was_watched
+            && let Some(watcher) = self
+                .watcher
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            && let Err(e) = watcher.unwatch(&folder.path)
+        {
+            tracing::debug!("{}: {e}", folder.path.display());
+        }
     }
 
     /// A dial loop for each known peer that has none.
@@ -1222,8 +1272,9 @@ fn watch(daemon: &Arc<Daemon>) {
 /// Syncs every folder, again and again, until the daemon stops.
 fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
     let mut next_full_scan = Instant::now();
-    // The folders scanned whole since the daemon started (or their last error).
-    let mut scanned_whole = HashSet::new();
+    // The folders (by path) scanned whole since the daemon started watching
+    // them (or since their last error).
+    let mut scanned_whole: HashSet<PathBuf> = HashSet::new();
     let mut woke = Wake::default();
     let mut retry = Retry::default();
     while !daemon.stop.load(Ordering::Relaxed) {
@@ -1236,6 +1287,13 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // A folder removed (and maybe added again later) is no longer watched:
+        // what changed meanwhile is found by a whole scan, and nothing is
+        // retried for it.
+        scanned_whole.retain(|path| folders.iter().any(|f| f.path == *path));
+        retry
+            .paths
+            .retain(|id, _| folders.iter().any(|f| f.id == *id));
         daemon.update_status(|status| {
             let mut known = std::mem::take(&mut status.folders);
             status.folders = folders
@@ -1277,7 +1335,9 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
             let changed = woke.changed.remove(&folder.path);
             let deferred = retry.paths.remove(&folder.id).unwrap_or_default();
             let rescan = match changed {
-                _ if full_scan || !watched || !scanned_whole.contains(&folder.id) => Changed::Whole,
+                _ if full_scan || !watched || !scanned_whole.contains(&folder.path) => {
+                    Changed::Whole
+                }
                 Some(Changed::Whole) => Changed::Whole,
                 Some(Changed::Paths(mut paths)) => {
                     paths.extend(deferred);
@@ -1291,12 +1351,12 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
                 (Err(e), _) => {
                     tracing::warn!("folder {}: {e}", folder.id);
                     // What the failed round was to scan is scanned whole next time.
-                    scanned_whole.remove(&folder.id);
+                    scanned_whole.remove(&folder.path);
                     retry.failed = true;
                 }
                 (Ok(deferred), rescan) => {
                     if matches!(rescan, Changed::Whole) {
-                        scanned_whole.insert(folder.id.clone());
+                        scanned_whole.insert(folder.path.clone());
                     }
                     if !deferred.is_empty() {
                         retry.paths.insert(folder.id.clone(), deferred.clone());

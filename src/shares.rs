@@ -228,6 +228,29 @@ impl Shares {
         Ok(())
     }
 
+    /// Stops sharing folder `id` with `peer`; `false` if it was not shared with it.
+    pub fn unshare(&self, id: &str, peer: &PeerId) -> Result<bool> {
+        let removed = self
+            .conn
+            .execute(
+                "DELETE FROM folder_peers WHERE folder = ?1 AND peer = ?2",
+                params![id, &peer.0[..]],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(removed > 0)
+    }
+
+    /// Forgets folder `id` and every share of it: this device no longer syncs
+    /// it. Its files, and its history in `.latus/`, stay where they are.
+    /// `false` if there was no such folder.
+    pub fn remove_folder(&self, id: &str) -> Result<bool> {
+        let removed = self
+            .conn
+            .execute("DELETE FROM folders WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(removed > 0)
+    }
+
     fn unknown(&self, reason: String) -> Error {
         Error::Config {
             path: self.path.clone(),
@@ -378,6 +401,45 @@ mod tests {
         assert!(reopened.remove_peer(&a).unwrap());
         assert!(!reopened.remove_peer(&a).unwrap());
         assert!(reopened.folder("music").unwrap().unwrap().peers.is_empty());
+    }
+
+    #[test]
+    fn a_folder_is_unshared_with_one_peer_or_removed_with_its_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let shares = Shares::open(dir.path()).unwrap();
+        let (a, b) = (PeerId([1; 32]), PeerId([2; 32]));
+        shares.add_peer(&a, None, &[], None).unwrap();
+        shares.add_peer(&b, None, &[], None).unwrap();
+        for id in ["music", "photos"] {
+            let path = dir.path().join(id);
+            std::fs::create_dir(&path).unwrap();
+            shares.add_folder(id, &path).unwrap();
+            shares.share(id, &a).unwrap();
+            shares.share(id, &b).unwrap();
+        }
+
+        assert!(shares.unshare("music", &a).unwrap());
+        assert!(!shares.unshare("music", &a).unwrap());
+        assert!(!shares.unshare("nope", &b).unwrap());
+        assert_eq!(shares.folder("music").unwrap().unwrap().peers, vec![b]);
+        assert_eq!(shares.folder("photos").unwrap().unwrap().peers, vec![a, b]);
+
+        assert!(shares.remove_folder("photos").unwrap());
+        assert!(!shares.remove_folder("photos").unwrap());
+        let left: Vec<String> = shares
+            .folders()
+            .unwrap()
+            .into_iter()
+            .map(|f| f.id)
+            .collect();
+        assert_eq!(left, vec!["music"]);
+        assert_eq!(shares.folders_shared_with(&a).unwrap().len(), 0);
+        // Its files stay; added again, it is shared with no one until told.
+        assert!(dir.path().join("photos").is_dir());
+        shares
+            .add_folder("photos", &dir.path().join("photos"))
+            .unwrap();
+        assert!(shares.folder("photos").unwrap().unwrap().peers.is_empty());
     }
 
     #[test]

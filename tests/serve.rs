@@ -225,6 +225,110 @@ fn folders_shared_and_peers_removed_while_running_take_effect() {
     assert!(!b.folder.join("after.txt").exists());
 }
 
+/// Unsharing a folder with a peer, or removing a folder, takes effect in the
+/// running daemons; a removed folder keeps its files.
+#[test]
+fn a_folder_unshared_or_removed_while_running_no_longer_syncs_and_keeps_its_files() {
+    let (a, b) = pair();
+    let (a_id, b_id) = (a.id(), b.id());
+    // "videos" sorts last: each daemon's round takes its folders in order.
+    let folders = ["music", "photos", "videos"];
+    for (device, other) in [(&a, &b_id), (&b, &a_id)] {
+        for id in folders {
+            let dir = device.home.join(id);
+            fs::create_dir_all(&dir).unwrap();
+            device.ok(&["folder", "add", id, dir.to_str().unwrap()]);
+            device.ok(&["folder", "share", id, other]);
+        }
+    }
+    for id in folders {
+        write(&a.home.join(id), "before.txt", id.as_bytes());
+    }
+    wait_for("every folder to sync", || {
+        folders.iter().all(|id| {
+            fs::read(b.home.join(id).join("before.txt")).is_ok_and(|c| c == id.as_bytes())
+        })
+    });
+
+    let reconnects = |device: &Device| device.log().matches("the folders shared with").count();
+    let a_reconnects = reconnects(&a);
+    a.ok(&["folder", "unshare", "music", &b_id]);
+    let removed = b.ok(&["folder", "remove", "photos"]);
+    assert!(removed.contains("its files stay"), "{removed}");
+    wait_for("A to drop music's share with B", || {
+        reconnects(&a) > a_reconnects
+    });
+    wait_for("B to list its folders but photos", || {
+        let status = b.status();
+        let ids: Vec<_> = status["status"]["folders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["id"].as_str())
+            .collect();
+        ids == ["docs", "music", "videos"]
+    });
+    let listed = b.ok(&["folder", "list"]);
+    assert!(!listed.contains("photos"), "{listed}");
+    // Asked again, each says why it cannot.
+    let again = a.run(&["folder", "unshare", "music", &b_id]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is not shared with"));
+    let again = b.run(&["folder", "remove", "photos"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no folder \"photos\""));
+
+    for id in folders {
+        write(&a.home.join(id), "after.txt", id.as_bytes());
+    }
+    // Videos still syncs; B takes music and photos, if at all, before it.
+    wait_for("videos to sync", || {
+        b.home.join("videos/after.txt").exists()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!b.home.join("music/after.txt").exists(), "{}", b.log());
+    assert!(!b.home.join("photos/after.txt").exists(), "{}", b.log());
+    // The removed folder keeps its files and its history.
+    assert_eq!(
+        fs::read(b.home.join("photos/before.txt")).unwrap(),
+        b"photos"
+    );
+    assert!(
+        b.home
+            .join("photos/.latus")
+            .join(latus::folder::HISTORY_DB)
+            .exists()
+    );
+    // Nor does a change on B's side reach A.
+    write(&b.home.join("photos"), "from-b.txt", b"kept here");
+    write(&b.home.join("videos"), "from-b.txt", b"synced");
+    wait_for("B's videos change to reach A", || {
+        a.home.join("videos/from-b.txt").exists()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!a.home.join("photos/from-b.txt").exists());
+
+    // Added again at another path, a folder is synced from there, and no
+    // longer from where it was.
+    let moved = a.home.join("videos-moved");
+    write(&moved, "moved.txt", b"new place");
+    a.ok(&["folder", "add", "videos", moved.to_str().unwrap()]);
+    wait_for("the moved folder to sync both ways", || {
+        b.home.join("videos/moved.txt").exists() && moved.join("from-b.txt").exists()
+    });
+    write(&a.home.join("videos"), "left-behind.txt", b"old place");
+    write(&moved, "control.txt", b"new place");
+    wait_for("the control to reach B", || {
+        b.home.join("videos/control.txt").exists()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !b.home.join("videos/left-behind.txt").exists(),
+        "{}",
+        a.log()
+    );
+}
+
 #[test]
 fn two_daemons_sync_creations_edits_renames_and_deletions_both_ways() {
     let (a, b) = pair();
