@@ -75,6 +75,7 @@ use crate::peer::{FolderPeer, Peer};
 use crate::scan::{self, ScanOptions};
 use crate::shares::{KnownPeer, SharedFolder, Shares};
 use crate::sync::{self as local_sync, SyncOptions};
+use crate::trash;
 use crate::xmpp::{self, XmppClient, XmppConfig, XmppEvents, XmppState};
 
 /// The file in the data directory that holds the address `latus serve` listens on.
@@ -1466,6 +1467,13 @@ fn sync_folder(
 ) -> Result<BTreeSet<String>> {
     let folder = Folder::open_or_create(&shared.path)?;
     let _lock = folder.lock()?;
+    // The trash policy, with each whole scan: when the daemon starts, then at
+    // every periodic rescan. A trash that cannot be emptied stops no sync.
+    if matches!(rescan, Changed::Whole)
+        && let Err(e) = trash::purge(&folder, options.sync.trash_keep_days)
+    {
+        tracing::warn!("folder {}: emptying the trash: {e}", shared.id);
+    }
     let mut store = HistoryStore::open(&folder.history_path())?;
     let replica = store.replica_id()?;
     daemon

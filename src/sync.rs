@@ -96,14 +96,7 @@ pub fn sync(a: &Path, b: &Path, options: &SyncOptions) -> Result<SyncReport> {
     let mut store_b = HistoryStore::open(&folder_b.history_path())?;
     if !options.dry_run {
         for folder in [&folder_a, &folder_b] {
-            let purged = trash::purge(folder, options.trash_keep_days)?;
-            if purged > 0 {
-                tracing::info!(
-                    "{}: removed {purged} trash batches older than {} days",
-                    folder.root().display(),
-                    options.trash_keep_days
-                );
-            }
+            trash::purge(folder, options.trash_keep_days)?;
         }
     }
     let mut report = SyncReport {

@@ -175,7 +175,8 @@ pub fn restore(folder: &Folder, rel: &str, at_ns: Option<i64>) -> Result<Trashed
     Ok(item)
 }
 
-/// Removes the trash batches older than `keep_days`; returns how many.
+/// Removes the trash batches older than `keep_days` (and logs how many); returns
+/// how many.
 pub fn purge(folder: &Folder, keep_days: u32) -> Result<usize> {
     let cutoff = now_ns() - i64::from(keep_days) * NS_PER_DAY;
     let mut removed = 0;
@@ -184,6 +185,12 @@ pub fn purge(folder: &Folder, keep_days: u32) -> Result<usize> {
             fs::remove_dir_all(&batch).map_err(|e| Error::io(&batch, e))?;
             removed += 1;
         }
+    }
+    if removed > 0 {
+        tracing::info!(
+            "{}: removed {removed} trash batches older than {keep_days} days",
+            folder.root().display()
+        );
     }
     Ok(removed)
 }

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::daemon::{Device, WAIT, wait_for};
 use common::{bytes, write};
@@ -324,6 +324,37 @@ fn a_folder_unshared_or_removed_while_running_no_longer_syncs_and_keeps_its_file
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         !b.home.join("videos/left-behind.txt").exists(),
+        "{}",
+        a.log()
+    );
+}
+
+/// The daemon applies the trash policy (`[sync] trash_keep_days`) when it starts,
+/// as `latus sync` does.
+#[test]
+fn the_daemon_empties_the_trash_of_versions_older_than_the_days_kept() {
+    let mut a = Device::new();
+    fs::write(a.home.join("config.toml"), "[sync]\ntrash_keep_days = 10\n").unwrap();
+    let now_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let day_ns = 86_400 * 1_000_000_000;
+    let trash = a.folder.join(".latus/trash");
+    let old = trash.join((now_ns - 11 * day_ns).to_string());
+    let recent = trash.join((now_ns - 9 * day_ns).to_string());
+    for batch in [&old, &recent] {
+        write(batch, "notes.txt", b"a replaced version");
+    }
+    a.start();
+    wait_for("the old trash batch to go", || !old.exists());
+    assert_eq!(
+        fs::read(recent.join("notes.txt")).unwrap(),
+        b"a replaced version"
+    );
+    assert!(
+        a.log()
+            .contains("removed 1 trash batches older than 10 days"),
         "{}",
         a.log()
     );
