@@ -786,7 +786,7 @@ impl Daemon {
     /// the new path, if any).
     fn forget(&self, folder: &SharedFolder) {
         tracing::info!(
-            "folder {} at {}: no longer synced here",
+            "folder {}: no longer synced at {}",
             folder.id,
             folder.path.display()
         );
