@@ -316,6 +316,11 @@ struct Daemon {
     wake: (Mutex<Wake>, Condvar),
     /// Set on SIGTERM or Ctrl-C; also stops a scan under way.
     stop: Arc<AtomicBool>,
+    /// Held while the share list is applied: by the sync loop before each
+    /// round, and as soon as `device.db` changes (see `reload_shares_now`).
+    applying_shares: Mutex<()>,
+    /// A reload of the share list is on its way.
+    shares_reload_pending: AtomicBool,
     status: Mutex<Status>,
 }
 
@@ -366,6 +371,8 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         wrong_chunks: WrongChunks::default(),
         wake: (Mutex::new(Wake::default()), Condvar::new()),
         stop: Arc::new(AtomicBool::new(false)),
+        applying_shares: Mutex::new(()),
+        shares_reload_pending: AtomicBool::new(false),
         status: Mutex::new(Status {
             pid: std::process::id(),
             device: identity.peer_id().to_string(),
@@ -424,7 +431,7 @@ pub fn serve(home: &Home, options: ServeOptions) -> Result<()> {
         Ok(None) => {}
         Err(e) => tracing::warn!("not using XMPP: {e}"),
     }
-    watch(&daemon);
+    watch(&daemon, runtime.handle().clone());
     let syncer = {
         let (daemon, handle) = (Arc::clone(&daemon), runtime.handle().clone());
         std::thread::spawn(move || sync_loop(&daemon, &handle, &options))
@@ -686,9 +693,40 @@ impl Daemon {
         self.wake_up();
     }
 
-    /// Takes the share list as `latus peer`/`latus folder` left it (the daemon
-    /// reads it before each round, and the watcher wakes it when it changes):
-    /// new folders are prepared and watched, new peers dialled, and the
+    /// Reads the share list and applies it (see `apply_shares`).
+    fn reload_shares(self: &Arc<Self>, handle: &Handle) {
+        let _one_at_a_time = self
+            .applying_shares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match Shares::open(&self.data_dir).and_then(|s| Ok((s.folders()?, s.peers()?))) {
+            Ok((folders, peers)) => self.apply_shares(handle, folders, peers),
+            Err(e) => tracing::warn!("reading the share list: {e}"),
+        }
+    }
+
+    /// Applies the share list at once, beside the round under way (which may
+    /// last hours): a removed peer or an unshared folder is cut off now. On a
+    /// thread of its own: the watcher's thread, which calls this, must stay
+    /// free to add and remove the watches it asks for.
+    fn reload_shares_now(self: &Arc<Self>, handle: &Handle) {
+        // One write to `device.db` raises several events: one reload for them.
+        if self.stop.load(Ordering::Relaxed)
+            || self.shares_reload_pending.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let daemon = Arc::clone(self);
+        let on_runtime = handle.clone();
+        handle.spawn_blocking(move || {
+            daemon.shares_reload_pending.store(false, Ordering::Release);
+            daemon.reload_shares(&on_runtime);
+        });
+    }
+
+    /// Takes the share list as `latus peer`/`latus folder` left it (read before
+    /// each round, and as soon as it changes): new folders are prepared and
+    /// watched, removed ones let go, new peers dialled, and the
     /// connections of peers whose shares changed are closed, so that both
     /// sides say hello again with the folders they now share.
     fn apply_shares(
@@ -1185,7 +1223,7 @@ impl WatcherPause {
 
 /// Watches every folder, and the share list (`device.db`): a warning if the
 /// watcher cannot start, then only the periodic rescans find local changes.
-fn watch(daemon: &Arc<Daemon>) {
+fn watch(daemon: &Arc<Daemon>, handle: Handle) {
     let weak = Arc::downgrade(daemon);
     let data_dir = daemon.data_dir.clone();
     let take_event = move |event: notify::Result<notify::Event>| {
@@ -1208,6 +1246,7 @@ fn watch(daemon: &Arc<Daemon>) {
                 })
             });
             if shares_changed {
+                daemon.reload_shares_now(&handle);
                 daemon.wake_up();
             }
             if matches!(event.kind, notify::EventKind::Create(_)) {
@@ -1279,10 +1318,7 @@ fn sync_loop(daemon: &Arc<Daemon>, handle: &Handle, options: &ServeOptions) {
     let mut woke = Wake::default();
     let mut retry = Retry::default();
     while !daemon.stop.load(Ordering::Relaxed) {
-        match Shares::open(&daemon.data_dir).and_then(|s| Ok((s.folders()?, s.peers()?))) {
-            Ok((folders, peers)) => daemon.apply_shares(handle, folders, peers),
-            Err(e) => tracing::warn!("reading the share list: {e}"),
-        }
+        daemon.reload_shares(handle);
         let folders = daemon
             .folders
             .read()

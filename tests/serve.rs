@@ -360,6 +360,39 @@ fn the_daemon_empties_the_trash_of_versions_older_than_the_days_kept() {
     );
 }
 
+/// A peer removed, or a folder unshared, is cut off at once, not once the round
+/// under way ends: here A's round is a scan that reads for about 16 s.
+#[test]
+fn a_peer_removed_during_a_long_round_is_cut_off_at_once() {
+    let (mut a, mut b) = (Device::new(), Device::new());
+    fs::write(a.home.join("config.toml"), "[scan]\nmax_read_mbps = 1\n").unwrap();
+    write(&a.folder, "big.bin", &bytes(16 << 20, 7));
+    a.trust(&b, None);
+    let addr = a.start();
+    b.trust(&a, Some(&addr));
+    b.start();
+    wait_for("B to connect to A", || {
+        b.status()["status"]["peers"][0]["connected"] == true
+    });
+    wait_for("A's first scan, of about 16 s", || {
+        a.status()["status"]["folders"][0]["state"] == "scanning"
+    });
+    a.ok(&["peer", "remove", &b.id()]);
+    wait_for("A to cut B off", || {
+        b.status()["status"]["peers"][0]["connected"] == false
+    });
+    assert_eq!(
+        a.status()["status"]["folders"][0]["state"],
+        "scanning",
+        "A's round ended before B was cut off: {}",
+        a.log()
+    );
+    // B dials again, and is refused.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(b.status()["status"]["peers"][0]["connected"], false);
+    assert!(!b.folder.join("big.bin").exists());
+}
+
 #[test]
 fn two_daemons_sync_creations_edits_renames_and_deletions_both_ways() {
     let (a, b) = pair();
