@@ -175,9 +175,8 @@ pub fn restore(folder: &Folder, rel: &str, at_ns: Option<i64>) -> Result<Trashed
     Ok(item)
 }
 
-/// Removes the trash batches older than `keep_days` (and logs how many); returns
-/// how many.
-pub fn purge(folder: &Folder, keep_days: u32) -> Result<usize> {
+/// Removes the trash batches older than `keep_days`, and logs how many.
+pub fn purge(folder: &Folder, keep_days: u32) -> Result<()> {
     let cutoff = now_ns() - i64::from(keep_days) * NS_PER_DAY;
     let mut removed = 0;
     for (time, batch) in batches(folder)? {
@@ -192,5 +191,5 @@ pub fn purge(folder: &Folder, keep_days: u32) -> Result<usize> {
             folder.root().display()
         );
     }
-    Ok(removed)
+    Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::daemon::{Device, WAIT, wait_for};
 use common::{bytes, write};
@@ -335,14 +335,9 @@ fn a_folder_unshared_or_removed_while_running_no_longer_syncs_and_keeps_its_file
 fn the_daemon_empties_the_trash_of_versions_older_than_the_days_kept() {
     let mut a = Device::new();
     fs::write(a.home.join("config.toml"), "[sync]\ntrash_keep_days = 10\n").unwrap();
-    let now_ns = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64;
-    let day_ns = 86_400 * 1_000_000_000;
     let trash = a.folder.join(".latus/trash");
-    let old = trash.join((now_ns - 11 * day_ns).to_string());
-    let recent = trash.join((now_ns - 9 * day_ns).to_string());
+    let old = trash.join(common::trash_batch_of_days_ago(11));
+    let recent = trash.join(common::trash_batch_of_days_ago(9));
     for batch in [&old, &recent] {
         write(batch, "notes.txt", b"a replaced version");
     }

@@ -839,11 +839,7 @@ fn old_trash_is_purged_by_policy() {
         .unwrap()
         .path();
     // A batch named as if trashed 31 days ago.
-    let old_ns = (std::time::SystemTime::now() - std::time::Duration::from_secs(31 * 86_400))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    fs::rename(&batch, trash_dir.join(old_ns.to_string())).unwrap();
+    fs::rename(&batch, trash_dir.join(common::trash_batch_of_days_ago(31))).unwrap();
     p.converge();
     assert!(fs::read_dir(&trash_dir).unwrap().next().is_none());
 }

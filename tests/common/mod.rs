@@ -11,6 +11,15 @@ use std::path::Path;
 
 use latus::history::{Entry, HistoryStore, Kind};
 
+/// The name of a trash batch made `days` days ago (its time in Unix ns).
+pub fn trash_batch_of_days_ago(days: u64) -> String {
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(days * 86_400);
+    then.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_string()
+}
+
 /// Writes `content` at `root/rel`, creating parent directories.
 pub fn write(root: &Path, rel: &str, content: &[u8]) {
     let path = root.join(rel);
