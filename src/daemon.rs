@@ -69,7 +69,7 @@ use crate::net::protocol::{
     CHUNK_BYTES_PER_BATCH, MAX_ENTRIES, MAX_FRAME, Message, Request, Response, VERSION, WireChunk,
     WireEntry,
 };
-use crate::net::remote::{RemoteFolder, WrongChunks};
+use crate::net::remote::{OtherPeers, RemoteFolder, WrongChunks};
 use crate::net::tls::{self, Allowed};
 use crate::peer::{FolderPeer, Peer};
 use crate::scan::{self, ScanOptions};
@@ -1553,11 +1553,12 @@ fn sync_folder(
         let Some(replica) = connection.folders.get(&shared.id).copied() else {
             continue;
         };
-        let others = connections
-            .iter()
-            .filter(|other| other.peer != connection.peer)
-            .cloned()
-            .collect();
+        // Those connected at each request: a peer that connects during a long
+        // transfer is asked for chunks too.
+        let others: OtherPeers = {
+            let (daemon, shared) = (Arc::clone(daemon), shared.clone());
+            Box::new(move || daemon.connections_for(&shared))
+        };
         let remote = RemoteFolder::new(
             Arc::clone(connection),
             others,
@@ -1568,9 +1569,12 @@ fn sync_folder(
         );
         local_sync::exchange_with(&mut store, &remote, None)?;
         let received = store.remote_state(&replica)?.map_or(0, |(seq, _)| seq);
-        let peer_name = daemon
-            .known_peer(&connection.peer)
-            .map_or_else(|| connection.peer.short(), |p| p.name);
+        let name_of = |peer: &PeerId| {
+            daemon
+                .known_peer(peer)
+                .map_or_else(|| peer.short(), |known| known.name)
+        };
+        let peer_name = name_of(&connection.peer);
         // Everything received from the peer is applied (or older than what is
         // here): the next plans need only look at paths changed since.
         let caught_up = |daemon: &Daemon, store: &mut HistoryStore| -> Result<()> {
@@ -1602,11 +1606,21 @@ fn sync_folder(
             caught_up(daemon, &mut store)?;
         }
         deferred.extend(merged.deferred);
+        let sources = match &remote.received()[..] {
+            [] => String::new(),
+            [(peer, _)] => format!(" from {}", name_of(peer)),
+            several => {
+                let each: Vec<String> = several
+                    .iter()
+                    .map(|(peer, bytes)| format!("{bytes} from {}", name_of(peer)))
+                    .collect();
+                format!(" ({})", each.join(", "))
+            }
+        };
         tracing::info!(
-            "folder {}: {} changes from {}, {} bytes read from it, {} bytes resumed",
+            "folder {}: {} changes from {peer_name}, {} bytes read{sources}, {} bytes resumed",
             shared.id,
             merged.applied,
-            connection.name,
             merged.bytes_fetched,
             merged.bytes_resumed
         );

@@ -841,6 +841,53 @@ fn a_daemon_killed_mid_transfer_resumes_and_does_not_fetch_everything_again() {
     eprintln!("after the restart: {line}");
 }
 
+#[test]
+fn a_file_two_peers_hold_is_fetched_from_both() {
+    const SIZE: usize = 128 << 20;
+    let (mut a, mut b, mut c) = (Device::new(), Device::new(), Device::new());
+    write_big(&a.folder.join("big.bin"), SIZE, b"two sources");
+    write_big(&c.folder.join("big.bin"), SIZE, b"two sources");
+    a.trust(&b, None);
+    a.trust(&c, None);
+    let addr_a = a.start();
+    c.trust(&a, Some(&addr_a));
+    c.trust(&b, None);
+    let addr_c = c.start();
+    let expected = file_hash(&a.folder.join("big.bin"));
+    wait_for("A and C to record the file", || {
+        a.recorded("big.bin").is_some() && c.recorded("big.bin").is_some()
+    });
+    b.trust(&a, Some(&addr_a));
+    b.trust(&c, Some(&addr_c));
+    b.start();
+    let start = Instant::now();
+    while file_hash(&b.folder.join("big.bin")) != expected {
+        assert!(start.elapsed() < 4 * WAIT, "the transfer did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The round's summary names the bytes read from each peer.
+    wait_for("the round's summary in B's log", || {
+        b.log().contains("changes from")
+    });
+    let log = b.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("changes from"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let (_, sources) = line
+        .split_once(" bytes read (")
+        .unwrap_or_else(|| panic!("read from one peer only: {line}"));
+    let each: Vec<u64> = sources
+        .split(", ")
+        .filter_map(|source| source.split_once(" from ")?.0.parse().ok())
+        .collect();
+    // How the bytes split follows each peer's pace, which on one machine
+    // follows how the three daemons share its cores.
+    assert_eq!(each.len(), 2, "{line}");
+    assert!(each.iter().all(|&bytes| bytes > 0), "{line}");
+    assert_eq!(each.iter().sum::<u64>(), SIZE as u64, "{line}");
+}
+
 /// The changes the daemon's rounds applied so far, from its log.
 fn changes_logged(device: &Device) -> u64 {
     device

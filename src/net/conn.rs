@@ -13,6 +13,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::device::PeerId;
 use crate::error::{Error, Result};
+use crate::net::pace::Pace;
 use crate::net::protocol::{self, Message, Request, Response, VERSION};
 
 /// How long a request waits for its response.
@@ -44,6 +45,8 @@ pub struct Connection {
     close_requested: Notify,
     /// Where news waits for room in a full outgoing queue.
     runtime: tokio::runtime::Handle,
+    /// How fast the peer answers chunk requests, and what it still owes.
+    pub pace: Arc<Pace>,
 }
 
 impl Connection {
@@ -70,22 +73,21 @@ impl Connection {
             }
             pending.insert(id, tx);
         }
+        // A request given up on (timed out, or dropped for another peer's
+        // answer) is forgotten: its late answer is then ignored.
+        let _forget = Forget(self, id);
         if self
             .outgoing
             .send(Message::Request { id, request })
             .await
             .is_err()
         {
-            self.pending_map().remove(&id);
             return Err(gone());
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) => Err(gone()),
-            Err(_) => {
-                self.pending_map().remove(&id);
-                Err(Error::Peer(format!("{} did not answer in time", self.name)))
-            }
+            Err(_) => Err(Error::Peer(format!("{} did not answer in time", self.name))),
         }
     }
 
@@ -108,6 +110,15 @@ impl Connection {
 
     fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Response>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a request from those waiting for an answer.
+struct Forget<'c>(&'c Connection, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.pending_map().remove(&self.1);
     }
 }
 
@@ -156,6 +167,7 @@ where
         outgoing: outgoing.clone(),
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
+        pace: Arc::default(),
         closed: AtomicBool::new(false),
         close_requested: Notify::new(),
         runtime: tokio::runtime::Handle::current(),
@@ -261,6 +273,7 @@ mod tests {
             outgoing,
             pending: Mutex::default(),
             next_id: AtomicU64::new(1),
+            pace: Arc::default(),
             closed: AtomicBool::new(closed),
             close_requested: Notify::new(),
             runtime: runtime.handle().clone(),

@@ -5,8 +5,9 @@
 //! builds that need them when the merger says which come next
 //! ([`Peer::prefetch`]). Every chunk is checked against its hash when it
 //! arrives: a peer that sends a wrong one is logged and never asked for that
-//! chunk again. A chunk the peer no longer has (or sent wrong) is asked of the
-//! other connected peers that share the folder.
+//! chunk again. Chunks are asked of every connected peer that shares the
+//! folder, each request of the one expected to answer it first; a chunk a peer
+//! does not have (or sent wrong) is asked of the others.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
 use tokio::runtime::Handle;
+use tokio::task::{JoinError, JoinHandle};
 
 use crate::content::{ChunkInfo, Hash};
 use crate::device::PeerId;
@@ -29,35 +31,51 @@ const PREFETCH_MAX_BYTES: usize = 4 << 20;
 /// itself (the request itself times out sooner).
 const PREFETCH_WAIT: Duration = Duration::from_secs(90);
 
+/// How long a peer has to answer a chunk request, at least, before the next
+/// best peer is asked too.
+const RACE_AFTER: Duration = Duration::from_secs(1);
+
+/// Hashes noted against peers.
+#[derive(Clone, Default)]
+pub struct PeerHashes(Arc<Mutex<HashSet<(PeerId, Hash)>>>);
+
 /// The chunks each peer sent wrong (bytes without the chunk's hash): that peer
 /// is not asked for them again while the daemon runs.
-#[derive(Clone, Default)]
-pub struct WrongChunks(Arc<Mutex<HashSet<(PeerId, Hash)>>>);
+pub type WrongChunks = PeerHashes;
 
-impl WrongChunks {
+impl PeerHashes {
     fn lock(&self) -> MutexGuard<'_, HashSet<(PeerId, Hash)>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn contains(&self, peer: &PeerId, chunk: &Hash) -> bool {
-        self.lock().contains(&(*peer, *chunk))
+    pub fn contains(&self, peer: &PeerId, hash: &Hash) -> bool {
+        self.lock().contains(&(*peer, *hash))
     }
 
-    fn insert(&self, peer: PeerId, chunk: Hash) {
-        self.lock().insert((peer, chunk));
+    fn insert(&self, peer: PeerId, hash: Hash) {
+        self.lock().insert((peer, hash));
     }
 }
+
+/// The connections to the other peers that share a folder, as they are now.
+pub type OtherPeers = Box<dyn Fn() -> Vec<Arc<Connection>> + Send + Sync>;
+
+/// Bytes of chunks received from each peer.
+type Received = Arc<Mutex<HashMap<PeerId, u64>>>;
 
 pub struct RemoteFolder {
     /// The peer whose history is merged.
     connection: Arc<Connection>,
-    /// The other connected peers that share the folder: asked for the chunks
-    /// the first one no longer has.
-    others: Vec<Arc<Connection>>,
+    /// The other peers that share the folder, connected now: asked for chunks
+    /// too.
+    others: OtherPeers,
     folder: String,
     replica: PeerId,
     handle: Handle,
     wrong: WrongChunks,
+    /// The contents a peer answered it does not have (this round).
+    lacking: PeerHashes,
+    received: Received,
     prefetched: Arc<Prefetched>,
 }
 
@@ -138,7 +156,7 @@ impl Prefetched {
 impl RemoteFolder {
     pub fn new(
         connection: Arc<Connection>,
-        others: Vec<Arc<Connection>>,
+        others: OtherPeers,
         folder: String,
         replica: PeerId,
         handle: Handle,
@@ -151,8 +169,19 @@ impl RemoteFolder {
             replica,
             handle,
             wrong,
+            lacking: PeerHashes::default(),
+            received: Received::default(),
             prefetched: Arc::default(),
         }
+    }
+
+    /// The peers chunks were received from so far, with their bytes: the
+    /// merged peer first.
+    pub fn received(&self) -> Vec<(PeerId, u64)> {
+        let received = self.received.lock().unwrap_or_else(|p| p.into_inner());
+        let mut each: Vec<(PeerId, u64)> = received.iter().map(|(p, n)| (*p, *n)).collect();
+        each.sort_by_key(|(peer, _)| *peer != self.connection.peer);
+        each
     }
 
     fn ask(&self, request: Request) -> Result<Response> {
@@ -165,12 +194,17 @@ impl RemoteFolder {
     /// What fetches `wanted` from the peers, to run on the runtime.
     fn fetcher(&self, wanted: Vec<WantedChunk>) -> Fetch {
         Fetch {
-            connections: std::iter::once(&self.connection)
-                .chain(&self.others)
-                .cloned()
+            connections: std::iter::once(Arc::clone(&self.connection))
+                .chain(
+                    (self.others)()
+                        .into_iter()
+                        .filter(|c| c.peer != self.connection.peer),
+                )
                 .collect(),
             folder: self.folder.clone(),
             wrong: self.wrong.clone(),
+            lacking: self.lacking.clone(),
+            received: Arc::clone(&self.received),
             wanted,
         }
     }
@@ -195,43 +229,58 @@ fn wanted(path: &str, content: &Hash, chunk: &ChunkInfo) -> WantedChunk {
     }
 }
 
-/// Chunks to fetch (within one request's limits), from the first peer that
-/// has each.
+/// Chunks to fetch (within one request's limits). They are asked of the peer
+/// expected to answer first among those that may have them ([`Pace`]); a peer
+/// slow to answer is raced by the next best one; what a peer did not have is
+/// asked of the others.
 struct Fetch {
     /// The merged peer first, then the others.
     connections: Vec<Arc<Connection>>,
     folder: String,
     wrong: WrongChunks,
+    lacking: PeerHashes,
+    received: Received,
     wanted: Vec<WantedChunk>,
+}
+
+/// The answers of one peer (by index in [`Fetch::connections`]) to the chunks
+/// `indices` of [`Fetch::wanted`].
+struct Answered {
+    connection: usize,
+    indices: Vec<usize>,
+    answers: Result<Vec<Option<Vec<u8>>>>,
 }
 
 impl Fetch {
     /// Each chunk's bytes, checked against its hash; `None` for those no peer
-    /// has. An error only if the merged peer failed and no other had them all.
+    /// has. An error only if a peer failed and no other had them all.
     async fn run(self) -> Result<Vec<Option<Vec<u8>>>> {
         let mut found: Vec<Option<Vec<u8>>> = vec![None; self.wanted.len()];
+        // The peers whose answers are in `found`: each is asked once.
+        let mut answered = vec![false; self.connections.len()];
         let mut failed = None;
-        for connection in &self.connections {
-            let missing: Vec<usize> = (0..found.len())
-                .filter(|&i| found[i].is_none())
-                .filter(|&i| {
-                    !self
-                        .wrong
-                        .contains(&connection.peer, &Hash(self.wanted[i].chunk.hash))
-                })
-                .collect();
-            if missing.is_empty() {
-                continue;
-            }
-            match self.ask(connection, &missing).await {
-                Ok(answers) => {
-                    for (i, bytes) in missing.into_iter().zip(answers) {
-                        found[i] = bytes;
+        loop {
+            let mut ranked = self.ranked(&found, &answered).into_iter();
+            let Some((first, indices)) = ranked.next() else {
+                break;
+            };
+            let runner_up = ranked.find(|(_, theirs)| *theirs == indices);
+            let runner_up = runner_up.map(|(connection, _)| connection);
+            for done in self.ask_racing(first, runner_up, indices).await {
+                answered[done.connection] = true;
+                match done.answers {
+                    Ok(answers) => {
+                        for (i, bytes) in done.indices.into_iter().zip(answers) {
+                            if bytes.is_some() {
+                                found[i] = bytes;
+                            }
+                        }
                     }
-                }
-                Err(e) => {
-                    tracing::debug!("chunks from {}: {e}", connection.name);
-                    failed.get_or_insert(e);
+                    Err(e) => {
+                        let name = &self.connections[done.connection].name;
+                        tracing::debug!("chunks from {name}: {e}");
+                        failed.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -241,38 +290,142 @@ impl Fetch {
         }
     }
 
-    /// The chunks `indices` of `wanted` from one peer; those it sent wrong are
-    /// logged, remembered and `None`.
-    async fn ask(
+    /// The peers not yet asked that may have some of the chunks not found, each
+    /// with those chunks, the one expected to answer first first. A peer whose
+    /// rate is not known yet is tried while it owes nothing, and else waited for.
+    fn ranked(&self, found: &[Option<Vec<u8>>], answered: &[bool]) -> Vec<(usize, Vec<usize>)> {
+        let mut ranked: Vec<(Duration, usize, Vec<usize>)> = Vec::new();
+        for (c, connection) in self.connections.iter().enumerate() {
+            if answered[c] || connection.is_closed() {
+                continue;
+            }
+            let indices: Vec<usize> = (0..found.len())
+                .filter(|&i| found[i].is_none())
+                .filter(|&i| {
+                    let wanted = &self.wanted[i];
+                    !self
+                        .wrong
+                        .contains(&connection.peer, &Hash(wanted.chunk.hash))
+                        && !self
+                            .lacking
+                            .contains(&connection.peer, &Hash(wanted.content))
+                })
+                .collect();
+            if indices.is_empty() {
+                continue;
+            }
+            let bytes = indices.iter().map(|&i| u64::from(self.wanted[i].chunk.len));
+            let pace = &connection.pace;
+            let wait = match pace.expected_wait(bytes.sum()) {
+                Some(wait) => wait,
+                None if pace.is_idle() => Duration::ZERO,
+                None => Duration::MAX,
+            };
+            ranked.push((wait, c, indices));
+        }
+        // Stable: on a tie, the merged peer first.
+        ranked.sort_by_key(|(wait, ..)| *wait);
+        ranked
+            .into_iter()
+            .map(|(_, c, indices)| (c, indices))
+            .collect()
+    }
+
+    /// Asks `first` for `indices`; if it is slow to answer, asks `runner_up`
+    /// too, and takes the first good answer. What each peer that answered said.
+    /// The other request runs on: its bytes come anyway, and its time tells
+    /// that peer's pace.
+    async fn ask_racing(
         &self,
-        connection: &Connection,
-        indices: &[usize],
-    ) -> Result<Vec<Option<Vec<u8>>>> {
+        first: usize,
+        runner_up: Option<usize>,
+        indices: Vec<usize>,
+    ) -> Vec<Answered> {
+        let mut first_ask = self.ask(first, &indices);
+        let answered = |connection: usize, answers: Result<Vec<Option<ByteBuf>>>| Answered {
+            connection,
+            indices: indices.clone(),
+            answers: answers.and_then(|answers| self.checked(connection, &indices, answers)),
+        };
+        let Some(second) = runner_up else {
+            return vec![answered(first, joined(first_ask.await))];
+        };
+        let expected = self.connections[first].pace.expected_wait(0);
+        let patience = expected.map_or(RACE_AFTER, |wait| (4 * wait).max(RACE_AFTER));
+        if let Ok(answers) = tokio::time::timeout(patience, &mut first_ask).await {
+            return vec![answered(first, joined(answers))];
+        }
+        tracing::debug!(
+            "{} is slow to send chunks; asking {} too",
+            self.connections[first].name,
+            self.connections[second].name
+        );
+        let mut second_ask = self.ask(second, &indices);
+        let (winner, answers, loser, other) = tokio::select! {
+            answers = &mut first_ask => (first, joined(answers), second, second_ask),
+            answers = &mut second_ask => (second, joined(answers), first, first_ask),
+        };
+        match answers {
+            Ok(_) => vec![answered(winner, answers)],
+            Err(_) => vec![
+                answered(winner, answers),
+                answered(loser, joined(other.await)),
+            ],
+        }
+    }
+
+    /// Sends the request for the chunks `indices` of `wanted` to one peer, as a
+    /// task of its own.
+    fn ask(&self, c: usize, indices: &[usize]) -> JoinHandle<Result<Vec<Option<ByteBuf>>>> {
+        let connection = Arc::clone(&self.connections[c]);
         let request = Request::ReadChunks {
             folder: self.folder.clone(),
             wanted: indices.iter().map(|&i| self.wanted[i].clone()).collect(),
         };
-        let answers = match connection.request(request).await? {
-            Response::ChunkData(answers) if answers.len() == indices.len() => answers,
-            Response::ChunkData(answers) => {
-                return Err(Error::Protocol(format!(
-                    "{} answered {} of {} chunks",
-                    connection.name,
-                    answers.len(),
-                    indices.len()
-                )));
-            }
-            Response::Refused(reason) => return Err(refused(connection, &reason)),
-            _ => return Err(unexpected(connection)),
-        };
+        let bytes = indices.iter().map(|&i| u64::from(self.wanted[i].chunk.len));
+        let ticket = connection.pace.asked(bytes.sum());
+        let count = indices.len();
+        tokio::spawn(async move {
+            let answers = match connection.request(request).await? {
+                Response::ChunkData(answers) if answers.len() == count => answers,
+                Response::ChunkData(answers) => {
+                    return Err(Error::Protocol(format!(
+                        "{} answered {} of {count} chunks",
+                        connection.name,
+                        answers.len(),
+                    )));
+                }
+                Response::Refused(reason) => return Err(refused(&connection, &reason)),
+                _ => return Err(unexpected(&connection)),
+            };
+            ticket.answered();
+            Ok(answers)
+        })
+    }
+
+    /// One peer's answers to the chunks `indices` of `wanted`, checked: those
+    /// it sent wrong are logged, remembered and `None`, and so are the
+    /// contents it lacks.
+    fn checked(
+        &self,
+        c: usize,
+        indices: &[usize],
+        answers: Vec<Option<ByteBuf>>,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let connection = &self.connections[c];
         Ok(indices
             .iter()
             .zip(answers)
             .map(|(&i, bytes)| {
-                let bytes = bytes.map(ByteBuf::into_vec)?;
                 let wanted = &self.wanted[i];
+                let Some(bytes) = bytes.map(ByteBuf::into_vec) else {
+                    self.lacking.insert(connection.peer, Hash(wanted.content));
+                    return None;
+                };
                 let chunk = Hash(wanted.chunk.hash);
                 if Hash::of(&bytes) == chunk {
+                    let mut received = self.received.lock().unwrap_or_else(|p| p.into_inner());
+                    *received.entry(connection.peer).or_default() += bytes.len() as u64;
                     return Some(bytes);
                 }
                 tracing::warn!(
@@ -285,6 +438,11 @@ impl Fetch {
             })
             .collect())
     }
+}
+
+/// A request task's outcome.
+fn joined<T>(outcome: std::result::Result<Result<T>, JoinError>) -> Result<T> {
+    outcome.map_err(|e| Error::Internal(format!("a chunk request stopped: {e}")))?
 }
 
 impl Peer for RemoteFolder {
@@ -419,15 +577,27 @@ mod tests {
     struct ChunkServer {
         holds: Vec<Vec<u8>>,
         lies: bool,
+        /// How long it takes to answer each request.
+        delay: Duration,
         requests: AtomicUsize,
         chunks: AtomicUsize,
     }
 
     impl ChunkServer {
         fn new(holds: &[&[u8]], lies: bool) -> Arc<Self> {
+            Self::with(holds, lies, Duration::ZERO)
+        }
+
+        /// An honest server that takes `delay` to answer.
+        fn answering_in(holds: &[&[u8]], delay: Duration) -> Arc<Self> {
+            Self::with(holds, false, delay)
+        }
+
+        fn with(holds: &[&[u8]], lies: bool, delay: Duration) -> Arc<Self> {
             Arc::new(ChunkServer {
                 holds: holds.iter().map(|bytes| bytes.to_vec()).collect(),
                 lies,
+                delay,
                 requests: AtomicUsize::new(0),
                 chunks: AtomicUsize::new(0),
             })
@@ -449,6 +619,7 @@ mod tests {
             };
             self.requests.fetch_add(1, Ordering::SeqCst);
             self.chunks.fetch_add(wanted.len(), Ordering::SeqCst);
+            std::thread::sleep(self.delay);
             let answer = |w: &WantedChunk| match self.lies {
                 true => Some(b"not what was asked for".to_vec()),
                 false => self
@@ -495,6 +666,10 @@ mod tests {
         connected.recv_timeout(Duration::from_secs(10)).unwrap()
     }
 
+    fn others(connections: Vec<Arc<Connection>>) -> OtherPeers {
+        Box::new(move || connections.clone())
+    }
+
     fn chunk_of(bytes: &[u8]) -> ChunkInfo {
         ChunkInfo {
             hash: Hash::of(bytes),
@@ -517,7 +692,7 @@ mod tests {
         let wrong = WrongChunks::default();
         let remote = RemoteFolder::new(
             connect(&runtime, liar_id, Arc::clone(&liar)),
-            vec![connect(&runtime, honest_id, Arc::clone(&honest))],
+            others(vec![connect(&runtime, honest_id, Arc::clone(&honest))]),
             "docs".into(),
             PeerId([9; 32]),
             runtime.handle().clone(),
@@ -535,8 +710,10 @@ mod tests {
         assert!(!wrong.contains(&honest_id, &Hash::of(a)));
         assert_eq!((liar.asked(), honest.asked()), ((1, 1), (1, 1)));
 
-        // Asked for ahead, in one request; the liar is asked only for what it has
-        // not sent wrong yet, and the builds are answered from what came back.
+        // Asked for ahead, in one request to each peer at most; the liar is
+        // asked only for what it has not sent wrong yet (which of the two is
+        // asked first depends on their pace), and the builds are answered from
+        // what came back.
         let soon: Vec<(&str, Hash, ChunkInfo)> = [a, b, c]
             .iter()
             .map(|bytes| ("f.txt", Hash::of(bytes), chunk_of(bytes)))
@@ -545,9 +722,124 @@ mod tests {
         for bytes in [a, b, c] {
             assert_eq!(read(bytes), Some(bytes.to_vec()));
         }
-        assert_eq!((liar.asked(), honest.asked()), ((2, 3), (2, 4)));
+        let (liar_asked, honest_asked) = (liar.asked(), honest.asked());
+        assert!([(1, 1), (2, 3)].contains(&liar_asked), "{liar_asked:?}");
+        assert!([(2, 3), (2, 4)].contains(&honest_asked), "{honest_asked:?}");
 
         // A chunk no peer has is "not available", not an error.
         assert_eq!(read(b"nobody has this"), None);
+    }
+
+    /// `count` distinct chunks of 64 KiB, laid end to end.
+    fn file_of_chunks(count: usize) -> (Vec<Vec<u8>>, Vec<ChunkInfo>) {
+        let bytes: Vec<Vec<u8>> = (0..count)
+            .map(|i| (0..64 << 10).map(|j| (i * 7 + j % 251) as u8).collect())
+            .collect();
+        let chunks = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| ChunkInfo {
+                offset: (i as u64) << 16,
+                ..chunk_of(bytes)
+            })
+            .collect();
+        (bytes, chunks)
+    }
+
+    /// Fetches `chunks` as a resumable build does: in windows of 4 chunks, each
+    /// asked for before the one before is awaited. Checks every chunk's bytes.
+    fn fetch_in_windows(
+        remote: &RemoteFolder,
+        content: &Hash,
+        bytes: &[Vec<u8>],
+        chunks: &[ChunkInfo],
+    ) {
+        let mut previous: Option<(usize, AskedChunks<'_>)> = None;
+        for (w, window) in chunks.chunks(4).enumerate() {
+            let asked = remote.ask_for_chunks("f.bin", content, window);
+            if let Some((at, answers)) = previous.replace((w * 4, asked)) {
+                check_window(answers, &bytes[at..]);
+            }
+        }
+        if let Some((at, answers)) = previous {
+            check_window(answers, &bytes[at..]);
+        }
+    }
+
+    fn check_window(answers: AskedChunks<'_>, expected: &[Vec<u8>]) {
+        let answers = answers().unwrap();
+        for (got, expected) in answers.iter().zip(expected) {
+            assert_eq!(got.as_deref(), Some(&expected[..]));
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_file_two_peers_hold_is_fetched_from_both() {
+        let runtime = runtime();
+        let (bytes, chunks) = file_of_chunks(48);
+        let held: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        // Equally fast (each answer takes 20 ms, more than the pipe's own time).
+        let merged = ChunkServer::answering_in(&held, Duration::from_millis(20));
+        let other = ChunkServer::answering_in(&held, Duration::from_millis(20));
+        let remote = RemoteFolder::new(
+            connect(&runtime, PeerId([1; 32]), Arc::clone(&merged)),
+            others(vec![connect(&runtime, PeerId([2; 32]), Arc::clone(&other))]),
+            "docs".into(),
+            PeerId([9; 32]),
+            runtime.handle().clone(),
+            WrongChunks::default(),
+        );
+        fetch_in_windows(&remote, &Hash([5; 32]), &bytes, &chunks);
+
+        // Each was asked once for each chunk it sent, and sent a fair share.
+        let (from_merged, from_other) = (merged.asked().1, other.asked().1);
+        assert_eq!(from_merged + from_other, 48);
+        assert!(
+            from_merged >= 12 && from_other >= 12,
+            "{from_merged} and {from_other}"
+        );
+        let received = remote.received();
+        assert_eq!(received.len(), 2, "{received:?}");
+        assert_eq!(received.iter().map(|(_, n)| n).sum::<u64>(), 48 << 16);
+    }
+
+    #[test]
+    fn a_peer_slow_to_answer_is_raced_by_the_next_and_then_given_little() {
+        let runtime = runtime();
+        let (bytes, chunks) = file_of_chunks(40);
+        let held: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        // The merged peer, asked first, takes longer than the race's patience.
+        let slow = ChunkServer::answering_in(&held, RACE_AFTER * 2);
+        let fast = ChunkServer::answering_in(&held, Duration::ZERO);
+        let remote = RemoteFolder::new(
+            connect(&runtime, PeerId([1; 32]), Arc::clone(&slow)),
+            others(vec![connect(&runtime, PeerId([2; 32]), Arc::clone(&fast))]),
+            "docs".into(),
+            PeerId([9; 32]),
+            runtime.handle().clone(),
+            WrongChunks::default(),
+        );
+        let content = Hash([5; 32]);
+
+        // The first window goes to the merged peer; the fast one is asked too
+        // when the slow one keeps it waiting, and its answer is taken.
+        let first = remote.ask_for_chunks("f.bin", &content, &chunks[..4]);
+        check_window(first, &bytes);
+        assert_eq!(slow.asked(), (1, 4));
+        assert_eq!(fast.asked(), (1, 4));
+
+        // Known to be slow, it is asked for nothing more.
+        fetch_in_windows(&remote, &content, &bytes[4..], &chunks[4..]);
+        assert_eq!(slow.asked(), (1, 4));
+        assert_eq!(fast.asked().1, 40);
+        assert_eq!(remote.received(), vec![(PeerId([2; 32]), 40 << 16)]);
     }
 }
