@@ -1122,7 +1122,7 @@ fn entry_from_row(row: &Row<'_>) -> rusqlite::Result<Entry> {
 }
 
 /// Turns SQLite's errors into the ones a user can act on.
-fn classify(path: &Path, e: rusqlite::Error) -> Error {
+pub(crate) fn classify(path: &Path, e: rusqlite::Error) -> Error {
     let path = path.to_path_buf();
     match &e {
         rusqlite::Error::SqliteFailure(failure, _) => match failure.code {

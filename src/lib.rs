@@ -7,8 +7,10 @@
 //! [`device_sync`] syncs a folder with a dumb device (`latus sync --device`).
 //! [`content`] cuts and hashes file content, [`folder`] owns a synced root and its
 //! `.latus/` directory, [`device`] owns the per-device state (`$LATUS_HOME`) and
-//! [`identity`] its certificate, whose hash is its peer id.
+//! [`identity`] its certificate, whose hash is its peer id. A daemon's builds
+//! record the chunks they fetch in the [`chunk_store`], to resume after a crash.
 
+pub mod chunk_store;
 pub mod content;
 pub mod daemon;
 pub mod device;

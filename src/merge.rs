@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::chunk_store::{ChunkStore, new_token};
 use crate::content::{ChunkInfo, ContentHasher, Hash, MIN_CHUNK, content_hash};
 use crate::device::PeerId;
 use crate::diff::{self, Action, ConflictCopy, Op, Plan};
@@ -126,6 +127,8 @@ pub fn apply(
             .resumable
             .then(|| folder.marker_dir().join(PARTIAL_DIR)),
         assembling: std::sync::Mutex::new(HashSet::new()),
+        chunk_store: std::sync::Mutex::new(None),
+        marker_dir: folder.marker_dir(),
     };
     let mut merger = Merger {
         root: folder.root().to_path_buf(),
@@ -214,23 +217,26 @@ pub fn clean_partials(folder: &Folder, store: &HistoryStore, max_age: Duration) 
     if partials.is_empty() {
         return Ok(0);
     }
-    let mut wanted = HashSet::new();
+    let mut wanted = HashMap::new();
     for peer in store.remote_peers()? {
         for action in diff::plan(store, &peer)?.actions {
             if action.target.kind == Kind::File
                 && let Some(hash) = action.target.hash
             {
-                wanted.insert(hash.to_hex());
+                wanted.insert(hash.to_hex(), hash);
             }
         }
     }
     let now = SystemTime::now();
     let mut removed = 0;
+    let mut kept = HashSet::new();
     for (path, name, modified) in partials {
         let too_old = modified
             .and_then(|m| now.duration_since(m).ok())
             .is_some_and(|age| age > max_age);
-        if !too_old && name.to_str().is_some_and(|name| wanted.contains(name)) {
+        let content = name.to_str().and_then(|name| wanted.get(name));
+        if let Some(content) = content.filter(|_| !too_old) {
+            kept.insert(*content);
             continue;
         }
         match fs::remove_file(&path) {
@@ -239,6 +245,8 @@ pub fn clean_partials(folder: &Folder, store: &HistoryStore, max_age: Duration) 
             Err(e) => return Err(Error::io(&path, e)),
         }
     }
+    // The chunks recorded for the partial files removed go with them.
+    ChunkStore::open(&folder.marker_dir())?.keep_only(&kept)?;
     Ok(removed)
 }
 
@@ -337,9 +345,19 @@ impl Builds {
     }
 }
 
+/// What a resumable build starts from: the chunks its partial file holds (by
+/// index in the content's chunk list, as the chunk store records them), and the
+/// token it asks for the others with.
+struct Resume {
+    complete: HashSet<u32>,
+    token: i64,
+}
+
 /// A window of a resumable build's chunks (at most [`CHUNKS_PER_WINDOW`]).
 struct Window<'c, 'p> {
     chunks: &'c [ChunkInfo],
+    /// The index of its first chunk in the content's chunk list.
+    first: u32,
     /// Each chunk's bytes once placed: `None` for those already in the partial
     /// file, and for the missing ones until they arrive.
     placed: Vec<Option<Vec<u8>>>,
@@ -357,6 +375,21 @@ struct BuildShared<'a> {
     partial_dir: Option<PathBuf>,
     /// Contents a thread is assembling in `partial_dir` now.
     assembling: std::sync::Mutex<HashSet<Hash>>,
+    /// The state of the chunks of resumable builds: opened with the first.
+    chunk_store: std::sync::Mutex<Option<ChunkStore>>,
+    marker_dir: PathBuf,
+}
+
+impl BuildShared<'_> {
+    /// Runs `work` on the chunk store, opening it first if need be.
+    fn chunk_store<T>(&self, work: impl FnOnce(&ChunkStore) -> Result<T>) -> Result<T> {
+        let mut slot = self.chunk_store.lock().unwrap_or_else(|p| p.into_inner());
+        let store = match &mut *slot {
+            Some(store) => store,
+            empty => empty.insert(ChunkStore::open(&self.marker_dir)?),
+        };
+        work(store)
+    }
 }
 
 /// Builds new files in temp files: from a local copy, from chunks this folder
@@ -367,6 +400,18 @@ struct Builder<'a> {
     store: Option<HistoryStore>,
     /// When `store`'s snapshot was taken.
     snapshot_at: Option<Instant>,
+}
+
+impl<'c> Window<'c, '_> {
+    fn of(chunks: &'c [ChunkInfo], first: u32) -> Self {
+        Window {
+            chunks,
+            first,
+            placed: Vec::with_capacity(chunks.len()),
+            missing: Vec::new(),
+            asked: None,
+        }
+    }
 }
 
 impl<'a> Builder<'a> {
@@ -504,6 +549,7 @@ impl<'a> Builder<'a> {
             return match assembled? {
                 Some(built) => {
                     fs::rename(&partial, temp).map_err(|e| Error::io(temp, e))?;
+                    self.shared.chunk_store(|store| store.forget(&content))?;
                     Ok(Some(Built { chunks, ..built }))
                 }
                 None => Ok(None),
@@ -656,8 +702,9 @@ impl<'a> Builder<'a> {
     }
 
     /// Assembles the target in `partial`, keeping the chunks an earlier build
-    /// left there (each checked against its hash); `None` when the peer no longer
-    /// has some chunk (the partial file stays for the next try).
+    /// left there (those the chunk store records complete, each checked against
+    /// its hash); `None` when the peer no longer has some chunk (the partial
+    /// file stays for the next try).
     fn assemble_resumable(
         &mut self,
         target: &Entry,
@@ -673,61 +720,21 @@ impl<'a> Builder<'a> {
             .mode(PARTIAL_MODE)
             .open(partial)
             .map_err(|e| Error::io(partial, e))?;
-        // What an earlier, stopped build left: chunks past it are not read back.
-        let left = output.metadata().map_err(|e| Error::io(partial, e))?.len();
+        let token = new_token();
+        let (replaced, complete) = self.shared.chunk_store(|store| {
+            let replaced = store.start_build(&target.path, &content, token)?;
+            Ok((replaced, store.complete(&content)?))
+        })?;
+        let resume = Resume { complete, token };
+        if let Some(replaced) = replaced {
+            self.drop_partial(replaced)?;
+        }
         reserve_blocks(&output, target.size).map_err(|e| Error::io(partial, e))?;
         let mut built = Built::default();
-        let write = |bytes: &[u8], chunk: &ChunkInfo| {
-            output
-                .write_all_at(bytes, chunk.offset)
-                .map_err(|e| Error::io(partial, e))
-        };
-        // Each window's chunks are asked for before the previous window's are
-        // awaited and written: the peer is never left idle in between.
-        let mut previous = None;
-        let windows = chunks.chunks(CHUNKS_PER_WINDOW).map(Some);
-        for chunks in windows.chain(std::iter::once(None)) {
-            let next = match chunks {
-                Some(chunks) => {
-                    Some(self.open_window(target, &content, chunks, &output, left, &mut built)?)
-                }
-                None => None,
-            };
-            let Some(mut window) = std::mem::replace(&mut previous, next) else {
-                continue;
-            };
-            let placed = &mut window.placed;
-            if let Some(asked) = window.asked.take() {
-                let fetched = asked()?;
-                if fetched.len() != window.missing.len() {
-                    return Err(Error::Peer(format!(
-                        "{}: the peer answered {} of {} chunks",
-                        target.path,
-                        fetched.len(),
-                        window.missing.len()
-                    )));
-                }
-                let mut complete = true;
-                for (index, bytes) in window.missing.iter().zip(fetched) {
-                    match bytes {
-                        Some(bytes) => {
-                            built.bytes_fetched += bytes.len() as u64;
-                            placed[*index] = Some(bytes);
-                        }
-                        None => complete = false,
-                    }
-                }
-                if !complete {
-                    // What did arrive stays in the partial file for the next try.
-                    for (chunk, bytes) in window.chunks.iter().zip(placed.iter()) {
-                        if let Some(bytes) = bytes {
-                            write(bytes, chunk)?;
-                        }
-                    }
-                    return Ok(None);
-                }
-            }
-            // Runs of adjacent chunks go in one write each (and one inotify event).
+        // Writes the chunks of a window that are here, in runs of adjacent
+        // chunks (one write, and one inotify event, each); returns their indices.
+        let write = |window: &Window<'_, '_>| -> Result<Vec<u32>> {
+            let placed = &window.placed;
             let mut at = 0;
             while at < placed.len() {
                 let run: Vec<&[u8]> = placed[at..]
@@ -740,6 +747,66 @@ impl<'a> Builder<'a> {
                 }
                 at += run.len().max(1);
             }
+            Ok((0..placed.len())
+                .filter(|&i| placed[i].is_some())
+                .map(|i| window.first + i as u32)
+                .collect())
+        };
+        // One transaction per window: the chunks written, with those the next
+        // window asked for (recorded a little late, which no restart minds:
+        // chunks asked for by a build that is gone count as not started).
+        let record = |complete: &[u32], next: Option<&Window<'_, '_>>| {
+            let asked: Vec<u32> = next.map_or_else(Vec::new, |next| {
+                let at = |i: &usize| next.first + *i as u32;
+                next.missing.iter().map(at).collect()
+            });
+            self.shared
+                .chunk_store(|store| store.record(&content, complete, &asked, resume.token))
+        };
+        // Each window's chunks are asked for before the previous window's are
+        // awaited and written: the peer is never left idle in between.
+        let mut previous = None;
+        let windows = chunks.chunks(CHUNKS_PER_WINDOW).enumerate().map(Some);
+        for window in windows.chain(std::iter::once(None)) {
+            let next = match window {
+                Some((n, chunks)) => {
+                    let first = (n * CHUNKS_PER_WINDOW) as u32;
+                    let window = Window::of(chunks, first);
+                    Some(self.open_window(target, &content, window, &output, &resume, &mut built)?)
+                }
+                None => None,
+            };
+            let Some(mut window) = std::mem::replace(&mut previous, next) else {
+                record(&[], previous.as_ref())?;
+                continue;
+            };
+            if let Some(asked) = window.asked.take() {
+                let fetched = asked()?;
+                if fetched.len() != window.missing.len() {
+                    return Err(Error::Peer(format!(
+                        "{}: the peer answered {} of {} chunks",
+                        target.path,
+                        fetched.len(),
+                        window.missing.len()
+                    )));
+                }
+                let mut all_here = true;
+                for (index, bytes) in window.missing.iter().zip(fetched) {
+                    match bytes {
+                        Some(bytes) => {
+                            built.bytes_fetched += bytes.len() as u64;
+                            window.placed[*index] = Some(bytes);
+                        }
+                        None => all_here = false,
+                    }
+                }
+                if !all_here {
+                    // What did arrive stays in the partial file for the next try.
+                    record(&write(&window)?, None)?;
+                    return Ok(None);
+                }
+            }
+            record(&write(&window)?, previous.as_ref())?;
         }
         output
             .set_len(target.size)
@@ -748,48 +815,68 @@ impl<'a> Builder<'a> {
         Ok(Some(built))
     }
 
-    /// The chunks of `chunks` found in the partial file (up to `left`, its
-    /// length when the build began) or elsewhere in this folder, and the rest
-    /// asked of the peer.
+    /// Fills `window` with the chunks found in the partial file (those recorded
+    /// complete that still have their hash there) or elsewhere in this folder,
+    /// and asks the peer for the rest (recorded by the caller).
     fn open_window<'c>(
         &mut self,
         target: &Entry,
         content: &Hash,
-        chunks: &'c [ChunkInfo],
+        mut window: Window<'c, 'a>,
         partial: &File,
-        left: u64,
+        resume: &Resume,
         built: &mut Built,
     ) -> Result<Window<'c, 'a>> {
         let mut buffer = Vec::new();
-        let mut placed = Vec::with_capacity(chunks.len());
-        let mut missing = Vec::new();
         let mut wanted = Vec::new();
-        for chunk in chunks {
-            // Not readable there (a shorter partial file): not there yet.
-            let within = chunk.offset + u64::from(chunk.len) <= left;
-            if within && matches!(holds_chunk(partial, chunk, &mut buffer), Ok(true)) {
+        for (i, chunk) in window.chunks.iter().enumerate() {
+            let index = window.first + i as u32;
+            // Checked: a power loss may have kept the record and lost the bytes.
+            if resume.complete.contains(&index)
+                && matches!(holds_chunk(partial, chunk, &mut buffer), Ok(true))
+            {
                 built.bytes_resumed += u64::from(chunk.len);
-                placed.push(None);
+                window.placed.push(None);
             } else if let Some(bytes) = self.local_chunk(chunk)? {
                 built.bytes_local += bytes.len() as u64;
-                placed.push(Some(bytes));
+                window.placed.push(Some(bytes));
             } else {
-                missing.push(placed.len());
+                window.missing.push(i);
                 wanted.push(*chunk);
-                placed.push(None);
+                window.placed.push(None);
             }
         }
-        let asked = (!wanted.is_empty()).then(|| {
-            self.shared
-                .peer
-                .ask_for_chunks(&target.path, content, &wanted)
-        });
-        Ok(Window {
-            chunks,
-            placed,
-            missing,
-            asked,
-        })
+        if !wanted.is_empty() {
+            window.asked = Some(
+                self.shared
+                    .peer
+                    .ask_for_chunks(&target.path, content, &wanted),
+            );
+        }
+        Ok(window)
+    }
+
+    /// Removes the partial file of `content` and forgets its chunks, unless a
+    /// build is assembling it now.
+    fn drop_partial(&self, content: Hash) -> Result<()> {
+        let Some(dir) = &self.shared.partial_dir else {
+            return Ok(());
+        };
+        let assembling = self
+            .shared
+            .assembling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if assembling.contains(&content) {
+            return Ok(());
+        }
+        let path = dir.join(content.to_hex());
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(Error::io(&path, e)),
+            _ => {}
+        }
+        drop(assembling);
+        self.shared.chunk_store(|store| store.forget(&content))
     }
 
     /// Where this folder holds `chunk` (a file that still has the size and mtime
@@ -1855,13 +1942,24 @@ mod tests {
         }
     }
 
-    /// A partial file of `content`, with some of its bytes in it.
+    /// A partial file of `content`, with some of its bytes in it, recorded in
+    /// the chunk store.
     fn partial(folder: &Folder, content: &[u8]) -> PathBuf {
         let dir = folder.marker_dir().join(PARTIAL_DIR);
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join(Hash::of(content).to_hex());
         fs::write(&path, &content[..content.len() / 2]).unwrap();
+        let chunk_store = ChunkStore::open(&folder.marker_dir()).unwrap();
+        chunk_store
+            .record(&Hash::of(content), &[0], &[], 1)
+            .unwrap();
         path
+    }
+
+    /// Whether the chunk store records chunks of `content`.
+    fn recorded(folder: &Folder, content: &[u8]) -> bool {
+        let chunk_store = ChunkStore::open(&folder.marker_dir()).unwrap();
+        !chunk_store.complete(&Hash::of(content)).unwrap().is_empty()
     }
 
     #[test]
@@ -1887,6 +1985,10 @@ mod tests {
         assert!(a_first.exists(), "a pending build's partial was removed");
         assert!(!b_old.exists(), "a partial older than the limit was kept");
         assert!(!unknown.exists() && !junk.exists());
+        // The chunks recorded for them go with them.
+        assert!(recorded(&folder, b"a, first version"));
+        assert!(!recorded(&folder, b"b's content"));
+        assert!(!recorded(&folder, b"no path has this content"));
 
         // The peer wrote a.txt again before the build finished: the first version
         // is no longer wanted, the new one is.

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{backdate, bytes, files, trashed, tree, write, write_files};
+use latus::chunk_store::ChunkStore;
 use latus::content::Hash;
 use latus::diff;
 use latus::folder::Folder;
@@ -81,6 +82,9 @@ struct WatchedPeer<'a> {
     peer: &'a FolderPeer,
     at_most: usize,
     chunk_reads: AtomicUsize,
+    /// Chunks it sends before it has none to send any more (as a peer that
+    /// goes away).
+    chunks_left: AtomicUsize,
     asks: std::sync::Mutex<Vec<String>>,
 }
 
@@ -90,8 +94,14 @@ impl<'a> WatchedPeer<'a> {
             peer,
             at_most,
             chunk_reads: AtomicUsize::new(0),
+            chunks_left: AtomicUsize::new(usize::MAX),
             asks: Default::default(),
         }
+    }
+
+    fn sending_at_most(self, chunks: usize) -> Self {
+        self.chunks_left.store(chunks, Ordering::Relaxed);
+        self
     }
 }
 
@@ -112,6 +122,11 @@ impl Peer for WatchedPeer<'_> {
         chunk: &latus::content::ChunkInfo,
     ) -> latus::Result<Option<Vec<u8>>> {
         self.chunk_reads.fetch_add(1, Ordering::Relaxed);
+        let left = self.chunks_left.load(Ordering::Relaxed);
+        if left == 0 {
+            return Ok(None);
+        }
+        self.chunks_left.store(left - 1, Ordering::Relaxed);
         self.peer.read_chunk(path, content, chunk)
     }
     fn ask_for_chunks<'p>(
@@ -497,6 +512,90 @@ fn a_resumable_build_asks_for_the_next_chunks_before_it_waits_for_the_ones_befor
     }
     expected.push(format!("wait {}", windows[windows.len() - 1]));
     assert_eq!(log, expected);
+}
+
+/// A resumable build whose peer goes away part way keeps the chunks it got,
+/// recorded in the chunk store; the next build asks only for the others, and
+/// for a chunk recorded complete whose bytes the partial file lost.
+#[test]
+fn a_resumable_build_cut_short_later_asks_only_for_what_its_partial_file_lacks() {
+    let p = Pair::new();
+    let content = bytes(4 << 20, 34);
+    let hash = common::content_hash(&content);
+    write(&p.a, "big.bin", &content);
+    let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
+    let options = MergeOptions {
+        resumable: true,
+        ..Default::default()
+    };
+    let cut_short = WatchedPeer::new(&peer_a, usize::MAX).sending_at_most(20);
+    let merged = merge::apply(&fb, &mut sb, &cut_short, plan, &options).unwrap();
+    assert_eq!(merged.applied, 0);
+    assert_eq!(merged.deferred, ["big.bin"]);
+    assert!(!p.b.join("big.bin").exists());
+    let chunk_store = ChunkStore::open(&fb.marker_dir()).unwrap();
+    let complete = chunk_store.complete(&hash).unwrap();
+    assert_eq!(complete, (0..20).collect());
+
+    // The first chunk's bytes are lost, its record kept (as a power loss may).
+    let partial = fb.marker_dir().join(merge::PARTIAL_DIR).join(hash.to_hex());
+    let file = fs::File::options().write(true).open(&partial).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0; 100], 0).unwrap();
+
+    let plan = diff::plan(&sb, &peer_a.id()).unwrap();
+    let watched = WatchedPeer::new(&peer_a, usize::MAX);
+    let merged = merge::apply(&fb, &mut sb, &watched, plan, &options).unwrap();
+    assert_eq!(merged.applied, 1);
+    assert_eq!(files(&p.b)["big.bin"], content);
+    let chunks = peer_a.chunks_of(&hash).unwrap();
+    let resumed: u64 = chunks[1..20].iter().map(|c| u64::from(c.len)).sum();
+    assert_eq!(merged.bytes_resumed, resumed);
+    assert_eq!(merged.bytes_fetched, (4 << 20) - resumed);
+    assert_eq!(
+        watched.chunk_reads.load(Ordering::Relaxed),
+        chunks.len() - 19
+    );
+    // Placed: its partial file and its records are gone.
+    assert!(!partial.exists());
+    assert!(chunk_store.complete(&hash).unwrap().is_empty());
+}
+
+/// A newer version of a path replaces the older work for it: the partial file
+/// of the version it replaces goes as soon as the newer one's build starts.
+#[test]
+fn a_newer_version_of_a_path_replaces_the_partial_file_of_the_older_at_once() {
+    let p = Pair::new();
+    let options = MergeOptions {
+        resumable: true,
+        ..Default::default()
+    };
+    let partial_of = |fb: &Folder, content: &[u8]| {
+        let hash = common::content_hash(content);
+        (
+            fb.marker_dir().join(merge::PARTIAL_DIR).join(hash.to_hex()),
+            hash,
+        )
+    };
+    let (v1, v2) = (bytes(4 << 20, 35), bytes(4 << 20, 36));
+    write(&p.a, "big.bin", &v1);
+    let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
+    let cut_short = WatchedPeer::new(&peer_a, usize::MAX).sending_at_most(20);
+    merge::apply(&fb, &mut sb, &cut_short, plan, &options).unwrap();
+    let (partial_v1, hash_v1) = partial_of(&fb, &v1);
+    assert!(partial_v1.exists());
+    drop((fb, sb, peer_a));
+
+    write(&p.a, "big.bin", &v2);
+    let (fb, mut sb, peer_a, plan) = p.plan_b_by_hand();
+    let cut_short = WatchedPeer::new(&peer_a, usize::MAX).sending_at_most(20);
+    let merged = merge::apply(&fb, &mut sb, &cut_short, plan, &options).unwrap();
+    assert_eq!(merged.deferred, ["big.bin"]);
+    let (partial_v2, hash_v2) = partial_of(&fb, &v2);
+    assert!(partial_v2.exists());
+    assert!(!partial_v1.exists());
+    let chunk_store = ChunkStore::open(&fb.marker_dir()).unwrap();
+    assert!(chunk_store.complete(&hash_v1).unwrap().is_empty());
+    assert_eq!(chunk_store.complete(&hash_v2).unwrap().len(), 20);
 }
 
 #[test]
