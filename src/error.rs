@@ -20,11 +20,11 @@ pub enum Error {
     NotAFolder(PathBuf),
     #[error("{} is busy: another latus process is working on this folder", .0.display())]
     FolderBusy(PathBuf),
-    #[error("the history database {} is locked by another process", .0.display())]
+    #[error("the database {} is locked by another process", .0.display())]
     DatabaseLocked(PathBuf),
-    #[error("no space left to write the history database {}; what was committed before is kept, free some space and scan again", .0.display())]
+    #[error("no space left to write the database {}; what was committed before is kept, free some space and scan again", .0.display())]
     DiskFull(PathBuf),
-    #[error("the history database {} is corrupt ({reason}); move it aside and rescan", path.display())]
+    #[error("the database {} is corrupt ({reason}); move it aside and rescan", path.display())]
     CorruptDatabase { path: PathBuf, reason: String },
     #[error("the history database {} has schema version {found}, newer than this Latus knows ({known}); upgrade Latus", path.display())]
     NewerSchema {
@@ -32,7 +32,7 @@ pub enum Error {
         found: i64,
         known: i64,
     },
-    #[error("history database {}: {source}", path.display())]
+    #[error("database {}: {source}", path.display())]
     Database {
         path: PathBuf,
         #[source]

@@ -835,7 +835,10 @@ fn a_daemon_killed_mid_transfer_resumes_and_does_not_fetch_everything_again() {
             .unwrap()
     };
     let (fetched, resumed) = (number(" bytes read"), number(" bytes resumed"));
-    assert!(resumed >= SIZE / 4 - (256 << 10), "{line}");
+    // All that was written before the kill but the last windows, whose record
+    // in the chunk store the kill may have cut off (two windows of at most 16
+    // chunks of at most 256 KiB).
+    assert!(resumed + (8 << 20) >= kept, "{line}, {kept} bytes kept");
     assert!(fetched <= SIZE - resumed, "{line}");
     assert_eq!(fetched + resumed, SIZE, "{line}");
     eprintln!("after the restart: {line}");

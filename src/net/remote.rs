@@ -332,9 +332,9 @@ impl Fetch {
     }
 
     /// Asks `first` for `indices`; if it is slow to answer, asks `runner_up`
-    /// too, and takes the first good answer. What each peer that answered said.
-    /// The other request runs on: its bytes come anyway, and its time tells
-    /// that peer's pace.
+    /// too, and takes the first answer with every chunk. What each peer that
+    /// answered said. The other request runs on: its bytes come anyway, and its
+    /// time tells that peer's pace.
     async fn ask_racing(
         &self,
         first: usize,
@@ -365,13 +365,15 @@ impl Fetch {
             answers = &mut first_ask => (first, joined(answers), second, second_ask),
             answers = &mut second_ask => (second, joined(answers), first, first_ask),
         };
-        match answers {
-            Ok(_) => vec![answered(winner, answers)],
-            Err(_) => vec![
-                answered(winner, answers),
-                answered(loser, joined(other.await)),
-            ],
+        // A first answer without every chunk (an error, or a peer without the
+        // file): the other's is waited for, rather than asked for again.
+        if matches!(&answers, Ok(all) if all.iter().all(Option::is_some)) {
+            return vec![answered(winner, answers)];
         }
+        vec![
+            answered(winner, answers),
+            answered(loser, joined(other.await)),
+        ]
     }
 
     /// Sends the request for the chunks `indices` of `wanted` to one peer, as a
@@ -841,5 +843,32 @@ mod tests {
         assert_eq!(slow.asked(), (1, 4));
         assert_eq!(fast.asked().1, 40);
         assert_eq!(remote.received(), vec![(PeerId([2; 32]), 40 << 16)]);
+    }
+
+    #[test]
+    fn a_racing_peer_without_the_file_leaves_the_slow_one_to_answer() {
+        let runtime = runtime();
+        let (bytes, chunks) = file_of_chunks(4);
+        let held: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let slow = ChunkServer::answering_in(&held, RACE_AFTER * 2);
+        let without = ChunkServer::answering_in(&[], Duration::ZERO);
+        let remote = RemoteFolder::new(
+            connect(&runtime, PeerId([1; 32]), Arc::clone(&slow)),
+            others(vec![connect(
+                &runtime,
+                PeerId([2; 32]),
+                Arc::clone(&without),
+            )]),
+            "docs".into(),
+            PeerId([9; 32]),
+            runtime.handle().clone(),
+            WrongChunks::default(),
+        );
+        let asked = remote.ask_for_chunks("f.bin", &Hash([5; 32]), &chunks);
+        check_window(asked, &bytes);
+        // Raced, the other had nothing: the slow answer was waited for, and
+        // not asked for twice.
+        assert_eq!(without.asked(), (1, 4));
+        assert_eq!(slow.asked(), (1, 4));
     }
 }
