@@ -668,8 +668,26 @@ mod tests {
         connected.recv_timeout(Duration::from_secs(10)).unwrap()
     }
 
-    fn others(connections: Vec<Arc<Connection>>) -> OtherPeers {
-        Box::new(move || connections.clone())
+    /// The ids of the two servers of [`two_peers`].
+    const MERGED: PeerId = PeerId([1; 32]);
+    const OTHER: PeerId = PeerId([2; 32]);
+
+    /// A folder merged from `merged`, with `other` also connected.
+    fn two_peers(
+        runtime: &tokio::runtime::Runtime,
+        merged: &Arc<ChunkServer>,
+        other: &Arc<ChunkServer>,
+        wrong: WrongChunks,
+    ) -> RemoteFolder {
+        let others = vec![connect(runtime, OTHER, Arc::clone(other))];
+        RemoteFolder::new(
+            connect(runtime, MERGED, Arc::clone(merged)),
+            Box::new(move || others.clone()),
+            "docs".into(),
+            PeerId([9; 32]),
+            runtime.handle().clone(),
+            wrong,
+        )
     }
 
     fn chunk_of(bytes: &[u8]) -> ChunkInfo {
@@ -682,24 +700,13 @@ mod tests {
 
     #[test]
     fn a_wrong_chunk_is_refused_remembered_and_fetched_from_another_peer() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let (a, b, c): (&[u8], &[u8], &[u8]) = (b"first content", b"second", b"third one");
         let liar = ChunkServer::new(&[a, b, c], true);
         let honest = ChunkServer::new(&[a, b, c], false);
-        let (liar_id, honest_id) = (PeerId([1; 32]), PeerId([2; 32]));
+        let (liar_id, honest_id) = (MERGED, OTHER);
         let wrong = WrongChunks::default();
-        let remote = RemoteFolder::new(
-            connect(&runtime, liar_id, Arc::clone(&liar)),
-            others(vec![connect(&runtime, honest_id, Arc::clone(&honest))]),
-            "docs".into(),
-            PeerId([9; 32]),
-            runtime.handle().clone(),
-            wrong.clone(),
-        );
+        let remote = two_peers(&runtime, &liar, &honest, wrong.clone());
         let read = |bytes: &[u8]| {
             let chunk = chunk_of(bytes);
             remote.read_chunk("f.txt", &chunk.hash, &chunk).unwrap()
@@ -791,14 +798,7 @@ mod tests {
         // Equally fast (each answer takes 20 ms, more than the pipe's own time).
         let merged = ChunkServer::answering_in(&held, Duration::from_millis(20));
         let other = ChunkServer::answering_in(&held, Duration::from_millis(20));
-        let remote = RemoteFolder::new(
-            connect(&runtime, PeerId([1; 32]), Arc::clone(&merged)),
-            others(vec![connect(&runtime, PeerId([2; 32]), Arc::clone(&other))]),
-            "docs".into(),
-            PeerId([9; 32]),
-            runtime.handle().clone(),
-            WrongChunks::default(),
-        );
+        let remote = two_peers(&runtime, &merged, &other, WrongChunks::default());
         fetch_in_windows(&remote, &Hash([5; 32]), &bytes, &chunks);
 
         // Each was asked once for each chunk it sent, and sent a fair share.
@@ -821,14 +821,7 @@ mod tests {
         // The merged peer, asked first, takes longer than the race's patience.
         let slow = ChunkServer::answering_in(&held, RACE_AFTER * 2);
         let fast = ChunkServer::answering_in(&held, Duration::ZERO);
-        let remote = RemoteFolder::new(
-            connect(&runtime, PeerId([1; 32]), Arc::clone(&slow)),
-            others(vec![connect(&runtime, PeerId([2; 32]), Arc::clone(&fast))]),
-            "docs".into(),
-            PeerId([9; 32]),
-            runtime.handle().clone(),
-            WrongChunks::default(),
-        );
+        let remote = two_peers(&runtime, &slow, &fast, WrongChunks::default());
         let content = Hash([5; 32]);
 
         // The first window goes to the merged peer; the fast one is asked too
@@ -842,7 +835,7 @@ mod tests {
         fetch_in_windows(&remote, &content, &bytes[4..], &chunks[4..]);
         assert_eq!(slow.asked(), (1, 4));
         assert_eq!(fast.asked().1, 40);
-        assert_eq!(remote.received(), vec![(PeerId([2; 32]), 40 << 16)]);
+        assert_eq!(remote.received(), vec![(OTHER, 40 << 16)]);
     }
 
     #[test]
@@ -852,18 +845,7 @@ mod tests {
         let held: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
         let slow = ChunkServer::answering_in(&held, RACE_AFTER * 2);
         let without = ChunkServer::answering_in(&[], Duration::ZERO);
-        let remote = RemoteFolder::new(
-            connect(&runtime, PeerId([1; 32]), Arc::clone(&slow)),
-            others(vec![connect(
-                &runtime,
-                PeerId([2; 32]),
-                Arc::clone(&without),
-            )]),
-            "docs".into(),
-            PeerId([9; 32]),
-            runtime.handle().clone(),
-            WrongChunks::default(),
-        );
+        let remote = two_peers(&runtime, &slow, &without, WrongChunks::default());
         let asked = remote.ask_for_chunks("f.bin", &Hash([5; 32]), &chunks);
         check_window(asked, &bytes);
         // Raced, the other had nothing: the slow answer was waited for, and
