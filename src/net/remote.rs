@@ -853,4 +853,34 @@ mod tests {
         assert_eq!(without.asked(), (1, 4));
         assert_eq!(slow.asked(), (1, 4));
     }
+
+    #[test]
+    fn a_peer_that_connects_during_a_transfer_is_asked_from_then_on() {
+        let runtime = runtime();
+        let (bytes, chunks) = file_of_chunks(48);
+        let held: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let merged = ChunkServer::answering_in(&held, Duration::from_millis(20));
+        let late = ChunkServer::answering_in(&held, Duration::from_millis(20));
+        let connected: Arc<Mutex<Vec<Arc<Connection>>>> = Arc::default();
+        let now_connected = Arc::clone(&connected);
+        let remote = RemoteFolder::new(
+            connect(&runtime, MERGED, Arc::clone(&merged)),
+            Box::new(move || now_connected.lock().unwrap().clone()),
+            "docs".into(),
+            PeerId([9; 32]),
+            runtime.handle().clone(),
+            WrongChunks::default(),
+        );
+        let content = Hash([5; 32]);
+        fetch_in_windows(&remote, &content, &bytes[..16], &chunks[..16]);
+        assert_eq!(merged.asked().1, 16);
+
+        connected
+            .lock()
+            .unwrap()
+            .push(connect(&runtime, OTHER, Arc::clone(&late)));
+        fetch_in_windows(&remote, &content, &bytes[16..], &chunks[16..]);
+        assert_eq!(merged.asked().1 + late.asked().1, 48);
+        assert!(late.asked().1 >= 8, "{:?}", late.asked());
+    }
 }
