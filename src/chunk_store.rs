@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::content::Hash;
 use crate::error::{Error, Result};
 use crate::history::classify;
+use crate::merge::remove_if_present;
 
 /// In a folder's `.latus/`.
 pub const CHUNK_STORE_DB: &str = "chunks.db";
@@ -68,14 +69,8 @@ impl ChunkStore {
                     "{} is corrupt ({reason}); starting it afresh",
                     path.display()
                 );
-                for stale in [path.clone(), path.with_extension("db-wal")] {
-                    match std::fs::remove_file(&stale) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(Error::io(&stale, e));
-                        }
-                        _ => {}
-                    }
-                }
+                remove_if_present(&path)?;
+                remove_if_present(&path.with_extension("db-wal"))?;
                 Self::open_at(&path)
             }
             opened => opened,

@@ -239,10 +239,8 @@ pub fn clean_partials(folder: &Folder, store: &HistoryStore, max_age: Duration) 
             kept.insert(*content);
             continue;
         }
-        match fs::remove_file(&path) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&path, e)),
+        if remove_if_present(&path)? {
+            removed += 1;
         }
     }
     // The chunks recorded for the partial files removed go with them.
@@ -870,11 +868,7 @@ impl<'a> Builder<'a> {
         if assembling.contains(&content) {
             return Ok(());
         }
-        let path = dir.join(content.to_hex());
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => return Err(Error::io(&path, e)),
-            _ => {}
-        }
+        remove_if_present(&dir.join(content.to_hex()))?;
         drop(assembling);
         self.shared.chunk_store(|store| store.forget(&content))
     }
@@ -1832,6 +1826,15 @@ fn mtime_only(mtime_ns: i64) -> [libc::timespec; 2] {
 
 pub(crate) fn mtime_of(meta: &fs::Metadata) -> i64 {
     meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
+/// Removes the file at `path`; `false` if there was none.
+pub(crate) fn remove_if_present(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
 }
 
 pub(crate) fn clear_dir(dir: &Path) -> Result<()> {

@@ -680,9 +680,19 @@ mod tests {
         wrong: WrongChunks,
     ) -> RemoteFolder {
         let others = vec![connect(runtime, OTHER, Arc::clone(other))];
+        merged_from(runtime, merged, Box::new(move || others.clone()), wrong)
+    }
+
+    /// A folder merged from `merged`, with `others` connected as they say.
+    fn merged_from(
+        runtime: &tokio::runtime::Runtime,
+        merged: &Arc<ChunkServer>,
+        others: OtherPeers,
+        wrong: WrongChunks,
+    ) -> RemoteFolder {
         RemoteFolder::new(
             connect(runtime, MERGED, Arc::clone(merged)),
-            Box::new(move || others.clone()),
+            others,
             "docs".into(),
             PeerId([9; 32]),
             runtime.handle().clone(),
@@ -863,14 +873,8 @@ mod tests {
         let late = ChunkServer::answering_in(&held, Duration::from_millis(20));
         let connected: Arc<Mutex<Vec<Arc<Connection>>>> = Arc::default();
         let now_connected = Arc::clone(&connected);
-        let remote = RemoteFolder::new(
-            connect(&runtime, MERGED, Arc::clone(&merged)),
-            Box::new(move || now_connected.lock().unwrap().clone()),
-            "docs".into(),
-            PeerId([9; 32]),
-            runtime.handle().clone(),
-            WrongChunks::default(),
-        );
+        let others = Box::new(move || now_connected.lock().unwrap().clone());
+        let remote = merged_from(&runtime, &merged, others, WrongChunks::default());
         let content = Hash([5; 32]);
         fetch_in_windows(&remote, &content, &bytes[..16], &chunks[..16]);
         assert_eq!(merged.asked().1, 16);
